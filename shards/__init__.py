@@ -1,0 +1,1 @@
+"""The data plane: EEG sources -> preprocessed windows -> WebDataset shards, and the reader."""

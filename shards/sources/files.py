@@ -1,0 +1,130 @@
+"""`files:<folder>`: every recording MNE can read under a folder (or a BIDS tree).
+
+One work unit per file, so one unreadable file costs one unit and is reported as such.
+BIDS entities in file names (sub-, ses-, run-) become the provenance; otherwise the path
+relative to the folder identifies the recording.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.recording import Provenance, Recording, Rejected, WorkUnit, fingerprint, safe_key
+from shards.sources import Spec, parse_params
+from shards.sources.mne_raw import recording_from_raw
+
+# Header files that name a recording; companions (.fdt, .eeg, .vmrk, .evt) are read through them.
+EXTENSIONS = (
+    ".edf",
+    ".bdf",
+    ".gdf",
+    ".vhdr",
+    ".set",
+    ".cnt",
+    ".fif",
+    ".fif.gz",
+    ".mff",
+    ".nxe",
+    ".edf+",
+    ".bdf+",
+    ".lay",
+    ".nedf",
+    ".xdf",
+)
+_BIDS = {key: re.compile(rf"(?:^|_){key}-([A-Za-z0-9]+)") for key in ("sub", "ses", "run", "task")}
+
+
+@dataclass
+class FilesParams:
+    dataset: str | None = None  # dataset name in provenance; default: the folder's name
+    pattern: str = "**/*"  # glob under the folder
+    preload_limit_mb: float = 4096.0  # larger files are rejected instead of exhausting memory
+
+
+class FilesSource:
+    def __init__(self, spec: str, folder: Path, params: FilesParams):
+        self.spec, self.folder, self.params = spec, folder, params
+        self.dataset = params.dataset or folder.name
+
+    @classmethod
+    def from_spec(cls, spec: str, parsed: Spec) -> FilesSource:
+        if not parsed.argument:
+            raise ValueError(f"source {spec!r} needs a folder: files:<folder>")
+        folder = Path(parsed.argument).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"source {spec!r}: {folder} is not a folder")
+        return cls(spec, folder.resolve(), parse_params(FilesParams, parsed.params, spec))
+
+    def _paths(self) -> list[Path]:
+        paths = [
+            p
+            for p in self.folder.glob(self.params.pattern)
+            if p.is_file() and p.name.lower().endswith(EXTENSIONS)
+        ]
+        return sorted(paths, key=lambda p: p.relative_to(self.folder).as_posix())
+
+    def units(self) -> list[WorkUnit]:
+        paths = self._paths()
+        if not paths:
+            raise ValueError(
+                f"source {self.spec!r}: no recordings under {self.folder} (looked for "
+                f"{', '.join(EXTENSIONS)} matching {self.params.pattern!r})"
+            )
+        units = []
+        for path in paths:
+            rel = path.relative_to(self.folder).as_posix()
+            size = sum(p.stat().st_size for p in _companions(path))
+            units.append(
+                WorkUnit(
+                    id=safe_key(f"files-{self.dataset}-{rel}"),
+                    fingerprint=fingerprint(self.dataset, rel, size),
+                    payload={"path": str(path), "rel": rel},
+                )
+            )
+        return units
+
+    def load(self, unit: WorkUnit) -> Iterator[Recording | Rejected]:
+        path, rel = Path(unit.payload["path"]), unit.payload["rel"]
+        provenance = _provenance(self.dataset, rel, str(path))
+        size_mb = sum(p.stat().st_size for p in _companions(path)) / 2**20
+        if size_mb > self.params.preload_limit_mb:
+            yield Rejected(provenance, f"file too large to preload ({size_mb:.0f} MB)")
+            return
+        try:
+            raw = read_raw(path)
+        except Exception as err:  # any reader failure is this file's problem, not the build's
+            yield Rejected(provenance, f"unreadable: {type(err).__name__}: {err}")
+            return
+        yield recording_from_raw(raw, provenance)
+
+
+def read_raw(path: Path):
+    """MNE's reader for a path; `.cnt` is tried as ANT Neuro first, then as Neuroscan."""
+    import mne
+
+    if path.suffix.lower() == ".cnt":
+        try:
+            return mne.io.read_raw_ant(path, preload=True, verbose="error")
+        except Exception:
+            return mne.io.read_raw_cnt(path, preload=True, verbose="error")
+    return mne.io.read_raw(path, preload=True, verbose="error")
+
+
+def _companions(path: Path) -> list[Path]:
+    siblings = [path.with_suffix(ext) for ext in (".fdt", ".eeg", ".vmrk", ".evt")]
+    return [path] + [p for p in siblings if p != path and p.exists()]
+
+
+def _provenance(dataset: str, rel: str, file: str) -> Provenance:
+    stem = Path(rel).name
+    found = {key: rx.search(stem) for key, rx in _BIDS.items()}
+    if found["sub"]:
+        session = found["ses"].group(1) if found["ses"] else "0"
+        run = found["run"].group(1) if found["run"] else "0"
+        if found["task"]:
+            run = f"{found['task'].group(1)}-{run}"
+        return Provenance(dataset, found["sub"].group(1), session, run, file)
+    return Provenance(dataset, safe_key(rel), "0", "0", file)
