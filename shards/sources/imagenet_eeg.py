@@ -106,7 +106,8 @@ class ImageNetEEGSource:
             _read_channels(channels_path)
             extra_sizes["channels"] = channels_path.stat().st_size
         subjects = sorted(set(self.params.subjects or DEFAULT_SUBJECTS))
-        params = asdict(self.params)
+        # Which subjects are built does not change any one unit's output.
+        params = {k: v for k, v in asdict(self.params).items() if k != "subjects"}
         size = self.path.stat().st_size
         return [
             WorkUnit(

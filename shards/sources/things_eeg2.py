@@ -241,7 +241,8 @@ class ThingsEEG2Source:
             for split in self.params.splits:
                 _read_metadata(metadata_path, split)
             metadata_size = metadata_path.stat().st_size
-        params = asdict(self.params)
+        # Which subjects and splits are built does not change any one unit's output.
+        params = {k: v for k, v in asdict(self.params).items() if k not in ("subjects", "splits")}
         units = []
         for subject_dir in subjects.values():
             subject = _SUBJECT_DIR.match(subject_dir.name).group(1)  # keep "01" as written
