@@ -88,7 +88,7 @@ class FilesSource:
 
     def load(self, unit: WorkUnit) -> Iterator[Recording | Rejected]:
         path, rel = Path(unit.payload["path"]), unit.payload["rel"]
-        provenance = _provenance(self.dataset, rel, str(path))
+        provenance = _provenance(self.dataset, rel, rel)
         size_mb = sum(p.stat().st_size for p in _companions(path)) / 2**20
         if size_mb > self.params.preload_limit_mb:
             yield Rejected(provenance, f"file too large to preload ({size_mb:.0f} MB)")
