@@ -1,0 +1,209 @@
+"""MLflow behind one small module: every run logs and registers models through here.
+
+Only rank 0 talks to MLflow (other ranks get a tracker that does nothing), the default
+store is an sqlite file in the run folder so a laptop needs no server, and any tracking
+URI (a shared server, Databricks...) is one config key away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None: sqlite:///<run dir>/mlflow.db with artifacts in <run dir>/mlartifacts.
+    tracking_uri: str | None = None
+    experiment: str = "brainmoe"
+    run_name: str | None = None
+
+
+def default_uri(run_dir: str | Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """The commit the code runs from (with '-dirty' if modified), or 'unknown'."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Tracker:
+    """A run in MLflow (or nothing, when disabled or not rank 0)."""
+
+    def __init__(
+        self,
+        config: TrackingConfig,
+        run_dir: str | Path,
+        active: bool = True,
+        run_id: str | None = None,
+    ):
+        self.active = active and config.enabled
+        self.run_id = run_id
+        if not self.active:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        run_dir = Path(run_dir)
+        uri = config.tracking_uri or default_uri(run_dir)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        if mlflow.get_experiment_by_name(config.experiment) is None:
+            location = (
+                (run_dir / "mlartifacts").resolve().as_uri() if not config.tracking_uri else None
+            )
+            mlflow.create_experiment(config.experiment, artifact_location=location)
+        mlflow.set_experiment(config.experiment)
+        # resume=true continues the same MLflow run, so one training shows as one curve
+        run = mlflow.start_run(run_id=run_id, run_name=config.run_name)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.active:
+            existing = self.mlflow.get_run(self.run_id).data.params
+            fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+            if fresh:
+                self.mlflow.log_params(fresh)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            path = Path(path)
+            if path.is_dir():
+                self.mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                self.mlflow.log_artifact(str(path), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        if self.active:
+            self.mlflow.log_dict(data, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self.mlflow.set_tags(tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.mlflow.end_run(status=status)
+            self.active = False
+
+
+def register_folder(
+    folder: str | Path,
+    name: str,
+    alias: str | None,
+    tags: dict[str, str],
+    tracking_uri: str,
+    experiment: str = "brainmoe",
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Log a saved model folder as run artifacts and register it as a new model version.
+
+    The folder is a `save_pretrained` directory (safetensors + config.json), not an MLflow
+    flavour: what the registry stores is exactly what `from_pretrained` reads.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        local = tracking_uri.startswith("sqlite:///")
+        location = (
+            (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+            .resolve()
+            .as_uri()
+            if local
+            else None
+        )
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    ctx = (
+        mlflow.start_run(run_id=run_id)
+        if run_id or not mlflow.active_run()
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        run = mlflow.active_run()
+        mlflow.log_artifacts(str(folder), "model")
+        mlflow.set_tags({f"model.{k}": v for k, v in tags.items()})
+        source = f"{run.info.artifact_uri}/model"
+        run_id = run.info.run_id
+    with contextlib.suppress(Exception):  # already registered is fine
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return {
+        "name": name,
+        "version": version.version,
+        "alias": alias,
+        "source": source,
+        "run_id": run_id,
+        "tags": tags,
+    }
+
+
+def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local folder for `models:/name@alias`, `models:/name/3`, `runs:/...`, or a path."""
+    if "://" not in uri and not uri.startswith("models:/") and not uri.startswith("runs:/"):
+        path = Path(uri)
+        if not path.exists():
+            raise ValueError(f"model {uri!r}: no such folder (or give models:/<name>@<alias>)")
+        return path
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst) if dst else None))
+    except Exception as err:
+        raise ValueError(f"cannot resolve {uri!r} at {mlflow.get_tracking_uri()}: {err}") from err
+
+
+def model_version_info(uri: str, tracking_uri: str) -> dict[str, Any]:
+    """Name, version and tags of a registry URI models:/name@alias or models:/name/N."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, version = body.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    return {"name": mv.name, "version": mv.version, "tags": dict(mv.tags), "source": mv.source}
+
+
+def dump(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
