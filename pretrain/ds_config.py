@@ -24,6 +24,7 @@ class DistConfig:
     precision: str = "bf16"  # bf16 | fp32
     micro_batch: int = 8  # samples per rank per micro step
     grad_accum: int = 1
+    global_batch: int | None = None  # if set: must equal micro_batch x grad_accum x ranks
     activation_checkpointing: bool = False
     # ZeRO-3: gather a full fp16/bf16 copy at save time (what export/from_pretrained reads)
     gather_16bit_weights_on_model_save: bool = True

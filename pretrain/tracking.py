@@ -143,11 +143,11 @@ def register_folder(
         )
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
-    ctx = (
-        mlflow.start_run(run_id=run_id)
-        if run_id or not mlflow.active_run()
-        else contextlib.nullcontext()
-    )
+    active = mlflow.active_run()
+    if active is not None and run_id in (None, active.info.run_id):
+        ctx = contextlib.nullcontext()  # called from inside a training run: log there
+    else:
+        ctx = mlflow.start_run(run_id=run_id)
     with ctx:
         run = mlflow.active_run()
         mlflow.log_artifacts(str(folder), "model")

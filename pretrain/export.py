@@ -1,0 +1,106 @@
+"""Checkpoint -> `save_pretrained` folder -> MLflow registry.
+
+A ZeRO checkpoint is sharded across ranks; `zero_to_fp32` consolidates it into one fp32
+state dict on any machine (no GPUs, no DeepSpeed launch). The encoder's part of it is
+saved as safetensors + config.json, which is all `Encoder.from_pretrained` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def checkpoint_tag_dir(ckpt: str | Path) -> tuple[Path, str]:
+    """(checkpoints folder, tag) for a checkpoints folder (newest tag) or a tag folder."""
+    ckpt = Path(ckpt)
+    if (ckpt / "latest").exists():
+        return ckpt, (ckpt / "latest").read_text().strip()
+    if (ckpt.parent / "latest").exists() or ckpt.name.startswith("step"):
+        return ckpt.parent, ckpt.name
+    raise ValueError(
+        f"{ckpt} is not a DeepSpeed checkpoint folder (no 'latest' file) nor a tag in one"
+    )
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    """Consolidate the encoder of a (ZeRO) checkpoint into a `save_pretrained` folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pretrain.encoder import Encoder, EncoderConfig
+
+    root, tag = checkpoint_tag_dir(ckpt)
+    tag_dir = root / tag
+    config_file = tag_dir / "encoder_config.json"
+    if not config_file.exists():
+        raise ValueError(
+            f"{tag_dir} has no encoder_config.json: not a brainmoe pretraining checkpoint"
+        )
+    config = EncoderConfig(**json.loads(config_file.read_text()))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    prefix = "encoder."
+    encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    encoder = Encoder(config)
+    missing, unexpected = encoder.load_state_dict(encoder_state, strict=False)
+    # buffers that zero_to_fp32 does not carry (e.g. router biases) come from the model file
+    if missing:
+        encoder_state.update(_buffers_from_model_states(tag_dir, prefix, missing))
+        missing, unexpected = encoder.load_state_dict(encoder_state, strict=True), []
+    assert not unexpected, unexpected
+    out = Path(out)
+    encoder.save_pretrained(out)
+    if (tag_dir / "lineage.json").exists():
+        shutil.copy(tag_dir / "lineage.json", out / "lineage.json")
+    return out
+
+
+def _buffers_from_model_states(tag_dir: Path, prefix: str, names: list[str]) -> dict[str, Any]:
+    import torch
+
+    states = sorted(tag_dir.glob("*model_states.pt"))
+    if not states:
+        raise ValueError(f"{tag_dir}: no model states file to read buffers {names} from")
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    found = {n: module[prefix + n].float() for n in names if prefix + n in module}
+    lost = sorted(set(names) - set(found))
+    if lost:
+        raise ValueError(f"{tag_dir}: checkpoint lacks encoder tensors {lost}")
+    return found
+
+
+def register_export(
+    folder: str | Path,
+    name: str,
+    alias: str | None,
+    tracking_uri: str,
+    experiment: str = "brainmoe",
+) -> dict[str, Any]:
+    """Register an exported encoder folder with its lineage tags."""
+    from pretrain.tracking import register_folder
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise ValueError(
+            f"{folder} is not an exported encoder (no config.json); run brainmoe export first"
+        )
+    lineage = (
+        json.loads((folder / "lineage.json").read_text())
+        if (folder / "lineage.json").exists()
+        else {}
+    )
+    manifests = lineage.get("shard_manifests", {})
+    tags = {
+        "kind": "brainmoe-encoder",
+        "shard_manifest_sha256": ",".join(sorted(manifests.values())) or "unknown",
+        "config_sha256": lineage.get("config_sha256", "unknown"),
+        "git_commit": lineage.get("git_commit", "unknown"),
+        "step": str(lineage.get("step", "unknown")),
+    }
+    config_json = json.dumps(lineage.get("config", {}), sort_keys=True)
+    if len(config_json) <= 5000:
+        tags["resolved_config"] = config_json
+    return register_folder(
+        folder, name, alias, tags, tracking_uri, experiment, run_id=lineage.get("mlflow_run_id")
+    )

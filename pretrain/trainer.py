@@ -1,0 +1,390 @@
+"""The pretraining loop under DeepSpeed: the one place distributed training code lives.
+
+torchtitan-style: `run.py` is thin, the model is plain PyTorch, and everything about
+engines, ranks, checkpoints and logging is here. Exact resume is a first-class feature:
+a checkpoint holds model, optimizer, scheduler, the TrainState (step, data position,
+NaN counters) and every rank's RNG state, and masking draws from a generator seeded by
+(seed, step, micro-step, rank) -- so a resumed run reproduces the uninterrupted loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.config import PretrainConfig
+from pretrain.ds_config import deepspeed_config
+from pretrain.model import build_model, encoder_config, validate_config
+from pretrain.tracking import Tracker, git_commit
+from shards.config import flatten, to_dict, to_yaml
+from shards.reader import ReaderConfig, make_loader
+
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when too many losses in a row were NaN/Inf: the run is diverging."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data epoch of the reader
+    batch_in_epoch: int = 0  # micro-batches consumed in that epoch (per rank)
+    nan_skipped: int = 0
+    nan_streak: int = 0
+    mlflow_run_id: str | None = None
+
+
+def log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig):
+        import deepspeed
+
+        self.cfg = cfg
+        backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        validate_config(cfg, self.world)
+        self.run_dir = cfg.run_path
+        self.ckpt_dir = self.run_dir / CHECKPOINTS
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        dist.barrier()
+
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg)
+        self.ds_config = deepspeed_config(cfg.dist, cfg.optim, cfg.train.steps)
+        if self.rank == 0:
+            (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=params, config=self.ds_config
+        )
+        self.device = self.engine.device
+        self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
+
+        reader = ReaderConfig(**{**asdict(cfg.data.reader), "batch_size": cfg.dist.micro_batch})
+        self.loader = make_loader(cfg.data.shards, reader, rank=self.rank, world_size=self.world)
+        self.state = TrainState()
+        self.history: list[dict[str, float]] = []
+
+    # ---- data ---------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches forever, keeping the data position in the TrainState."""
+        skip = self.state.batch_in_epoch
+        while True:
+            self.loader.set_epoch(self.state.epoch)
+            for index, batch in enumerate(self.loader):
+                if index < skip:
+                    continue  # fast-forward to where the checkpoint left off
+                self.state.batch_in_epoch = index + 1
+                yield batch
+            skip = 0
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()
+        }
+
+    def _mask_generator(self, micro: int) -> torch.Generator:
+        gen = torch.Generator(device="cpu")
+        seed = (
+            (self.cfg.train.seed * 1_000_003 + self.state.step) * 1009 + micro
+        ) * 257 + self.rank
+        gen.manual_seed(seed % 2**63)
+        return gen
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self) -> None:
+        tag = f"step{self.state.step:07d}"
+        self.engine.save_checkpoint(
+            str(self.ckpt_dir), tag=tag, client_state={"train_state": asdict(self.state)}
+        )
+        torch.save(rng_state(), self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            enc = encoder_config(self.cfg)
+            (self.ckpt_dir / tag / "encoder_config.json").write_text(
+                json.dumps(asdict(enc), indent=1)
+            )
+            (self.ckpt_dir / tag / "lineage.json").write_text(json.dumps(self.lineage(), indent=1))
+            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        dist.barrier()
+        log(f"checkpoint {self.ckpt_dir / tag}")
+
+    def resume(self) -> bool:
+        if not (self.ckpt_dir / "latest").exists():
+            log(f"resume=true but no checkpoint in {self.ckpt_dir}: starting fresh")
+            return False
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
+        self.state = TrainState(**client["train_state"])
+        tag = (self.ckpt_dir / "latest").read_text().strip()
+        rng_file = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            self.history = [
+                json.loads(line)
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.state.step
+            ]
+            if self.rank == 0:
+                metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        log(
+            f"resumed at step {self.state.step} (epoch {self.state.epoch}, "
+            f"batch {self.state.batch_in_epoch})"
+        )
+        return True
+
+    def lineage(self) -> dict[str, Any]:
+        import hashlib
+
+        manifests = {}
+        for folder in self.cfg.data.shards:
+            path = Path(folder) / "manifest.json"
+            if path.exists():
+                manifests[str(folder)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        config = to_dict(self.cfg)
+        return {
+            "shard_manifests": manifests,
+            "config": config,
+            "config_sha256": hashlib.sha256(
+                json.dumps(config, sort_keys=True).encode()
+            ).hexdigest(),
+            "git_commit": git_commit(),
+            "step": self.state.step,
+            "mlflow_run_id": self.state.mlflow_run_id,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.train.resume:
+            self.resume()
+        tracker = Tracker(
+            cfg.tracking, self.run_dir, active=self.rank == 0, run_id=self.state.mlflow_run_id
+        )
+        self.state.mlflow_run_id = tracker.run_id
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.set_tags({"git_commit": git_commit(), "world_size": str(self.world)})
+        tracker.log_dict(self.ds_config, "deepspeed.json")
+
+        batches = self._batches()
+        model = self.engine.module
+        window: dict[str, float] = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "samples": 0}
+        window_load = None  # routed tokens per layer and expert over the log window
+        started = time.perf_counter()
+        accum = cfg.dist.grad_accum
+        micro = 0
+        try:
+            while self.state.step < cfg.train.steps:
+                batch = self._to_device(next(batches))
+                out = self.engine(batch, generator=self._mask_generator(micro))
+                loss = out["loss"]  # mse + aux_loss
+                finite = torch.tensor([float(torch.isfinite(loss).item())])
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    self.state.nan_skipped += 1
+                    self.state.nan_streak += 1
+                    log(
+                        f"step {self.state.step}: non-finite loss on some rank, batch skipped "
+                        f"({self.state.nan_streak} in a row, {self.state.nan_skipped} in all)"
+                    )
+                    if self.state.nan_streak >= cfg.train.max_nan_streak:
+                        raise NonFiniteLossError(
+                            f"{self.state.nan_streak} non-finite losses in a row at step "
+                            f"{self.state.step}: the run diverged. Lower optim.lr, check the "
+                            "data (brainmoe shards inspect) or resume from an earlier checkpoint."
+                        )
+                    continue
+                self.state.nan_streak = 0
+                self.engine.backward(loss)
+                self.engine.step()
+                window["loss"] += out["mse"].item()
+                window["aux"] += out["aux_loss"].item()
+                window["n"] += 1
+                window["tokens"] += int(out["valid"].sum())
+                window["samples"] += int(batch["eeg"].shape[0])
+                micro += 1
+                if micro < accum:
+                    continue
+                micro = 0
+                self.state.step += 1
+                # aux-loss-free balancing: every rank applies the same all-reduced load
+                load = model.encoder.routing_counts().to(torch.float64)
+                if load.numel():
+                    dist.all_reduce(load)
+                    model.encoder.update_router_bias(load)
+                window_load = load if window_load is None else window_load + load
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.steps:
+                    self._log(window, window_load, started, tracker)
+                    window_load = None
+                    window = dict.fromkeys(window, 0)
+                    window["loss"] = window["aux"] = 0.0
+                    started = time.perf_counter()
+                if (
+                    self.state.step % cfg.train.ckpt_every == 0
+                    or self.state.step == cfg.train.steps
+                ):
+                    self.save()
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        result = self.finish(tracker)
+        return result
+
+    def _log(
+        self, window: dict[str, float], load: torch.Tensor, started: float, tracker: Tracker
+    ) -> None:
+        stats = torch.tensor(
+            [window["loss"], window["aux"], window["n"], window["tokens"], window["samples"]],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(stats)
+        loss, aux, n, tokens, samples = stats.tolist()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics = {
+            "loss": loss / max(n, 1),
+            "aux_loss": aux / max(n, 1),
+            "grad_norm": grad_norm,
+            "lr": float(self.engine.get_lr()[0]),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "nan_skipped": self.state.nan_skipped,
+        }
+        if load.numel() and load.shape[-1] > 1:
+            per_layer = load / load.sum(dim=-1, keepdim=True).clamp_min(1)  # [L, E]
+            ratio = load.max(dim=-1).values / load.min(dim=-1).values.clamp_min(1)  # [L]
+            metrics["expert_load_max_min"] = float(ratio.max())
+            metrics["experts_unused"] = int((load == 0).sum())
+            for layer, r in enumerate(ratio.tolist()):
+                metrics[f"expert_load_max_min/layer{layer}"] = r
+            self.last_load = per_layer
+        if self.rank == 0:
+            record = {"step": self.state.step, **metrics}
+            self.history.append(record)
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            tracker.log_metrics(metrics, self.state.step)
+            extra = (
+                f" expert max/min {metrics['expert_load_max_min']:.2f}"
+                if "expert_load_max_min" in metrics
+                else ""
+            )
+            log(
+                f"step {self.state.step:6d}  loss {metrics['loss']:.4f}  grad {grad_norm:.3f}  "
+                f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  "
+                f"{metrics['tokens_per_s']:.0f} tokens/s{extra}"
+            )
+
+    def finish(self, tracker: Tracker) -> dict[str, Any]:
+        """Reference outputs for the export check, plots, and (optionally) registration."""
+        from pretrain.plots import plot_expert_load, plot_loss, plot_reconstructions
+
+        probe = make_loader(
+            self.cfg.data.shards,
+            ReaderConfig(batch_size=4, num_workers=0, shuffle=False),
+            rank=0,
+            world_size=1,
+        )
+        batch = self._to_device(next(iter(probe)))
+        self.engine.eval()
+        with torch.no_grad():
+            tokens = self.engine.module.encoder(batch).tokens
+            recon = self.engine.module(batch, generator=torch.Generator().manual_seed(0))
+        self.engine.train()
+        result = {"step": self.state.step, "run_dir": str(self.run_dir)}
+        if self.rank == 0:
+            torch.save(
+                {
+                    "batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+                    "tokens": tokens[0].float().cpu()
+                    if isinstance(tokens, tuple)
+                    else tokens.float().cpu(),
+                },
+                self.run_dir / "reference_output.pt",
+            )
+            if self.cfg.train.plots:
+                plots = self.run_dir / "plots"
+                plots.mkdir(exist_ok=True)
+                plot_loss(self.history, plots / "loss.png")
+                if getattr(self, "last_load", None) is not None:
+                    plot_expert_load(self.last_load.cpu().numpy(), plots / "expert_load.png")
+                plot_reconstructions(batch, recon, plots / "reconstructions.png")
+                tracker.log_artifact(plots, "plots")
+            tracker.log_artifact(self.run_dir / "config.yaml")
+            if self.cfg.register.name:
+                result["registered"] = self.export_and_register(tracker)
+        dist.barrier()
+        tracker.finish()
+        return result
+
+    def export_and_register(self, tracker: Tracker) -> dict[str, Any]:
+        from pretrain.export import export_checkpoint, register_export
+
+        out = self.run_dir / "encoder"
+        export_checkpoint(self.ckpt_dir, out)
+        uri = self.cfg.tracking.tracking_uri or tracker.mlflow.get_tracking_uri()
+        info = register_export(
+            out,
+            self.cfg.register.name,
+            self.cfg.register.alias,
+            uri,
+            experiment=self.cfg.tracking.experiment,
+        )
+        log(f"registered {info['name']} version {info['version']} as @{info['alias']}")
+        return info
+
+
+def main_worker(cfg: PretrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    except NonFiniteLossError as err:
+        log(f"error: {err}")
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
