@@ -1,0 +1,734 @@
+"""Montage-agnostic EEG encoder: per-channel patches as tokens, a transformer with MoE FFNs.
+
+Shape legend: B batch, C channels, T samples, P patches per channel, L samples per patch,
+N = C*P tokens, D width, E routed experts, K experts per token.
+
+Why it looks like this:
+
+- **A token is one channel's one patch** (``patch_seconds`` at the model's ``sfreq``), so any
+  channel count is just a longer sequence: nothing is padded to a fixed montage, and a batch
+  mixing 19- and 128-channel recordings is handled by key-padding masks.
+- **Any input rate**: the input step resamples to the model rate (antialiased linear
+  interpolation) so a 250 Hz file works without a preprocessing pass; the data plane
+  already writes 200 Hz, where the step is a no-op.
+- **A channel is known by its name and by its position.** The name embedding (vocabulary =
+  sorted 10-05 names, id 0 = unknown) is exact for standard montages; the position
+  embedding (Fourier features of xyz -> MLP, zero when the position is unknown) lets an
+  unseen name on a known position land near its neighbours, so a new montage still works.
+  The vocabulary is saved with the weights, so a newer MNE cannot renumber a checkpoint.
+- **Time position** is a learned projection of sin/cos features of the patch index: no
+  maximum length, unlike a learned table, so longer windows need no new parameters.
+- **Padding never leaks**: invalid samples are zeroed before anything else, a patch is valid
+  only if all its samples are, invalid tokens are masked as attention keys and skip the
+  experts, so changing padded values cannot change valid outputs.
+- Inputs are scaled by a fixed ``input_scale_uv`` (not per-sample normalisation) so the
+  amplitude, which carries information in EEG, reaches the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.moe import BACKENDS, GATES, MoE, SwiGLU, load_imbalance
+
+UNKNOWN_CHANNEL = "<unk>"
+FORMAT_VERSION = 1
+HEAD_RADIUS_M = 0.1  # positions are divided by this before the Fourier features
+
+
+@dataclass
+class EncoderConfig:
+    """Everything that defines an encoder's architecture (saved as config.json)."""
+
+    # Input step.
+    sfreq: float = 200.0  # model sampling rate (Hz); inputs are resampled to it
+    patch_seconds: float = 1.0  # patch length; L = round(patch_seconds * sfreq)
+    input_scale_uv: float = 100.0  # inputs in uV are divided by this
+    # Transformer.
+    dim: int = 256  # D
+    depth: int = 6
+    heads: int = 4
+    ffn_hidden: int = 512  # H of each routed/shared expert, or of the MLP when n_experts == 0
+    qk_norm: bool = True  # LayerNorm on queries/keys: keeps attention logits bounded at scale
+    dropout: float = 0.0
+    # Mixture of experts (n_experts == 0: dense SwiGLU MLP of width ffn_hidden).
+    n_experts: int = 8  # E
+    top_k: int = 2  # K
+    n_shared_experts: int = 1  # always-on experts, fused into one MLP of width n * ffn_hidden
+    gate: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax"; top-k gates renormalised
+    router_bias_rate: float = 1e-3  # step of the aux-loss-free balancing bias
+    aux_loss_coef: float = 0.0  # optional Switch load-balancing loss; 0 = off
+    expert_backend: str = "auto"  # "auto" | "grouped_mm" | "loop"
+    # Channels.
+    pos_freqs: int = 8  # Fourier frequencies per axis for the position embedding
+    channel_name_dropout: float = 0.0  # training only: name -> unknown, forces use of position
+    # Memory.
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.n_experts < 0 or self.n_shared_experts < 0:
+            raise ValueError("n_experts and n_shared_experts must be >= 0")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"need 1 <= top_k <= n_experts, got {self.top_k}, {self.n_experts}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.expert_backend not in BACKENDS:
+            raise ValueError(f"expert_backend must be one of {BACKENDS}")
+        if self.patch_len < 1:
+            raise ValueError("patch_seconds * sfreq must be at least one sample")
+
+    @property
+    def patch_len(self) -> int:
+        return round(self.patch_seconds * self.sfreq)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
+        """Unknown keys are an error: a silently ignored key would build another model."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = set(data) - known
+        if extra:
+            raise ValueError(f"unknown EncoderConfig keys: {sorted(extra)}")
+        return cls(**dict(data))
+
+
+def dense_variant(config: EncoderConfig) -> EncoderConfig:
+    """The dense model with the same active FFN width: MLP hidden = (K + shared) * H."""
+    if not config.is_moe:
+        return config
+    hidden = (config.top_k + config.n_shared_experts) * config.ffn_hidden
+    return dataclasses.replace(config, n_experts=0, n_shared_experts=0, ffn_hidden=hidden)
+
+
+_MOE_CONFIGS = {
+    # CPU tests.
+    "tiny": EncoderConfig(
+        dim=64, depth=2, heads=4, ffn_hidden=128, n_experts=4, top_k=2, n_shared_experts=1
+    ),
+    # Single-GPU experiments.
+    "small": EncoderConfig(
+        dim=256, depth=6, heads=4, ffn_hidden=512, n_experts=8, top_k=2, n_shared_experts=1
+    ),
+    "base": EncoderConfig(
+        dim=512, depth=12, heads=8, ffn_hidden=512, n_experts=8, top_k=2, n_shared_experts=1
+    ),
+    # Multi-node: fine-grained experts (H = D/2), ~1/5 of the parameters active per token.
+    "large": EncoderConfig(
+        dim=1024,
+        depth=24,
+        heads=16,
+        ffn_hidden=512,
+        n_experts=32,
+        top_k=2,
+        n_shared_experts=1,
+        activation_checkpointing=True,
+    ),
+}
+CONFIGS: dict[str, EncoderConfig] = {
+    **_MOE_CONFIGS,
+    **{f"{name}-dense": dense_variant(cfg) for name, cfg in _MOE_CONFIGS.items()},
+}
+
+
+def list_configs() -> list[str]:
+    return list(CONFIGS)
+
+
+def get_config(name: str, **overrides: Any) -> EncoderConfig:
+    """A fresh copy of a named config, with field overrides."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown encoder config {name!r}; known: {list_configs()}")
+    return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+# ---- channel vocabulary ------------------------------------------------------------------
+
+
+class ChannelVocab:
+    """Channel name -> embedding id; id 0 is every name outside the vocabulary."""
+
+    def __init__(self, names: Sequence[str]):
+        names = tuple(names)
+        if not names or names[0] != UNKNOWN_CHANNEL or len(set(names)) != len(names):
+            raise ValueError(f"a vocabulary starts with {UNKNOWN_CHANNEL!r} and has no repeats")
+        self.names = names
+        self._index = {name: i for i, name in enumerate(names) if i > 0}
+        self._cache: dict[str, int] = {}
+        self._table: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    @functools.cache
+    def standard(cls) -> ChannelVocab:
+        """Sorted 10-05 names of ``shards.channels.standard_positions()``: deterministic."""
+        from shards.channels import standard_positions
+
+        return cls((UNKNOWN_CHANNEL, *sorted(standard_positions())))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def id(self, name: str) -> int:
+        """Names are canonicalised as the data plane does ("FP1", "EEG Fp1-REF" -> Fp1, old
+        "T3" -> T7), so a raw spelling reaches the embedding the shards trained."""
+        hit = self._cache.get(name)
+        if hit is None:
+            from shards.channels import canonical_name
+
+            canon, known = canonical_name(name)
+            hit = self._index.get(canon) if known else None
+            if hit is None:
+                hit = self._index.get(name, 0)
+            self._cache[name] = hit
+        return hit
+
+    def ids(self, ch_names: Sequence[Sequence[str]], n_channels: int | None = None) -> Tensor:
+        """`ch_names` (B lists) -> LongTensor `[B, C]`; missing trailing names get id 0."""
+        width = max((len(row) for row in ch_names), default=0)
+        width = width if n_channels is None else n_channels
+        out = torch.zeros(len(ch_names), width, dtype=torch.long)
+        for b, row in enumerate(ch_names):
+            row = list(row)[:width]
+            out[b, : len(row)] = torch.tensor([self.id(n) for n in row], dtype=torch.long)
+        return out
+
+    def positions(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Template 10-05 positions of ids `[...]` -> (xyz `[..., 3]` m, known `[...]`)."""
+        if self._table is None:
+            from shards.channels import standard_positions
+
+            std = standard_positions()
+            xyz = torch.zeros(len(self.names), 3)
+            known = torch.zeros(len(self.names), dtype=torch.bool)
+            for i, name in enumerate(self.names):
+                if i > 0 and name in std:
+                    xyz[i] = torch.as_tensor(std[name], dtype=torch.float32)
+                    known[i] = True
+            self._table = (xyz, known)
+        xyz, known = self._table
+        ids = ids.cpu()
+        return xyz[ids], known[ids]
+
+
+def channel_ids(
+    ch_names: Sequence[Sequence[str]],
+    n_channels: int | None = None,
+    vocab: ChannelVocab | None = None,
+) -> Tensor:
+    """``batch["ch_names"]`` -> LongTensor `[B, C]` of vocabulary ids (0 = unknown/padding)."""
+    return (vocab or ChannelVocab.standard()).ids(ch_names, n_channels)
+
+
+# ---- input step --------------------------------------------------------------------------
+
+
+def resample(
+    eeg: Tensor, time_mask: Tensor, sfreq: Sequence[float], target: float
+) -> tuple[Tensor, Tensor]:
+    """Bring `eeg [B, C, T]` (per-sample rates `sfreq`, B floats) to `target` Hz.
+
+    Antialiased linear interpolation (F.interpolate), one call per distinct rate. An output
+    sample stays valid only if every input sample its kernel touches was valid (the
+    interpolated mask is still 1), so padding cannot bleed into valid samples. Samples at
+    different rates end up with different lengths: the shorter are padded (and masked).
+    """
+    b, c, t = eeg.shape
+    rates = sorted(set(sfreq))
+    if all(abs(fs - target) < 1e-6 for fs in rates):
+        return eeg, time_mask
+    parts = []
+    for fs in rates:
+        rows = torch.tensor([i for i, s in enumerate(sfreq) if s == fs], device=eeg.device)
+        x, m = eeg[rows], time_mask[rows]
+        if abs(fs - target) >= 1e-6:
+            t_out = max(1, round(t * target / fs))
+            kw = dict(size=(1, t_out), mode="bilinear", align_corners=False, antialias=fs > target)
+            x = F.interpolate(x.reshape(-1, 1, 1, t), **kw).reshape(len(rows), c, t_out)
+            m = F.interpolate(m[:, None, None, :].float(), **kw).reshape(len(rows), t_out)
+            m = m > 1 - 1e-4
+        parts.append((rows, x, m))
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    t_max = max(x.shape[-1] for _, x, _ in parts)
+    out = eeg.new_zeros(b, c, t_max)
+    mask = time_mask.new_zeros(b, t_max)
+    for rows, x, m in parts:
+        out[rows, :, : x.shape[-1]] = x
+        mask[rows, : m.shape[-1]] = m
+    return out, mask
+
+
+@dataclass
+class EncoderInput:
+    """A batch after the input step: what the transformer and the MSM target both read."""
+
+    patches: Tensor  # [B, C, P, L] float32, scaled by 1/input_scale_uv, 0 where invalid
+    valid: Tensor  # [B, C, P] bool: real channel and every sample of the patch real
+    ch_ids: Tensor  # [B, C] long, 0 = unknown
+    ch_pos: Tensor  # [B, C, 3] float32 metres, 0 where unknown
+    pos_known: Tensor  # [B, C] bool
+
+
+@dataclass
+class EncoderOutput:
+    tokens: Tensor  # [B, C*P, D], channel-major (token c*P + p)
+    valid: Tensor  # [B, C*P] bool
+    n_channels: int  # C
+    n_patches: int  # P
+    aux_loss: Tensor  # [] float32 (0 unless aux_loss_coef > 0)
+    expert_counts: Tensor  # [L_moe, E] assignments per expert and MoE layer; [0, 0] if dense
+
+    def grid(self) -> Tensor:
+        """Tokens as `[B, C, P, D]`."""
+        b, _, d = self.tokens.shape
+        return self.tokens.view(b, self.n_channels, self.n_patches, d)
+
+
+# ---- modules -----------------------------------------------------------------------------
+
+
+def sinusoid(n: int, dim: int, device: torch.device | str | None = None) -> Tensor:
+    """sin/cos features of positions 0..n-1 -> `[n, dim]` (transformer style)."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=device) / max(half, 1))
+    angle = torch.arange(n, device=device, dtype=torch.float32)[:, None] * freq[None]
+    out = torch.cat([angle.sin(), angle.cos()], dim=-1)
+    return F.pad(out, (0, dim - 2 * half))
+
+
+class PositionEmbedding(nn.Module):
+    """Electrode xyz -> `[.., D]`, exactly 0 where the position is unknown."""
+
+    def __init__(self, dim: int, n_freqs: int):
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.mlp = nn.Sequential(nn.Linear(3 + 6 * n_freqs, dim), nn.GELU(), nn.Linear(dim, dim))
+        # Start as small as the name embedding, so neither drowns the signal at init.
+        nn.init.trunc_normal_(self.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, pos: Tensor, known: Tensor) -> Tensor:
+        u = pos.float() / HEAD_RADIUS_M  # [B, C, 3], about [-1, 1]
+        # 0.5..8 cycles per head radius: from hemisphere down to ~1 cm, the 10-05 spacing.
+        freqs = torch.logspace(math.log10(0.5), math.log10(8.0), self.n_freqs, device=u.device)
+        angle = (u[..., None] * (2 * math.pi) * freqs).flatten(-2)  # [B, C, 3F]
+        feats = torch.cat([u, angle.sin(), angle.cos()], dim=-1)
+        out = self.mlp(feats.to(self.mlp[0].weight.dtype))
+        return out * known[..., None].to(out.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool, dropout: float, out_std: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
+        nn.init.trunc_normal_(self.qkv.weight, std=0.02)
+        nn.init.trunc_normal_(self.out.weight, std=out_std)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """`x [B, N, D]`, `attn_mask [B, 1, 1, N]` (True = key may be attended) -> `[B, N, D]`."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)  # [B, N, h, D/h]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # [B, h, N, D/h]
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the FFN is a :class:`MoE` or a dense :class:`SwiGLU`."""
+
+    def __init__(
+        self, dim: int, heads: int, ffn: nn.Module, qk_norm: bool, dropout: float, out_std: float
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qk_norm, dropout, out_std)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (x `[B, N, D]`, aux loss `[]`, expert counts `[E]` or `[0]`)."""
+        x = x + self.drop(self.attn(self.norm1(x), attn_mask))
+        h = self.norm2(x)
+        if isinstance(self.ffn, MoE):
+            y, aux, counts = self.ffn(h, valid)
+        else:
+            y = self.ffn(h)
+            aux = x.new_zeros((), dtype=torch.float32)
+            counts = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return x + self.drop(y), aux, counts
+
+
+def make_ffn(config: EncoderConfig, dim: int, hidden: int, out_std: float) -> nn.Module:
+    if not config.is_moe:
+        ffn = SwiGLU(dim, hidden, out_std)
+    else:
+        ffn = MoE(
+            dim,
+            hidden,
+            config.n_experts,
+            config.top_k,
+            n_shared=config.n_shared_experts,
+            gate=config.gate,
+            bias_update_rate=config.router_bias_rate,
+            aux_loss_coef=config.aux_loss_coef,
+            backend=config.expert_backend,
+            out_std=out_std,
+        )
+    return ffn
+
+
+class Encoder(nn.Module):
+    """The EEG encoder. ``forward(batch)`` takes the reader's dict (or a bare `[B, C, T]`
+    tensor of uV at ``config.sfreq``) and returns an :class:`EncoderOutput`."""
+
+    def __init__(self, config: EncoderConfig, channel_vocab: Sequence[str] | None = None):
+        super().__init__()
+        self.config = config
+        self.vocab = ChannelVocab(channel_vocab) if channel_vocab else ChannelVocab.standard()
+        d = config.dim
+        out_std = 0.02 / math.sqrt(2 * config.depth)  # residual branches sum over 2*depth
+        self.patch_embed = nn.Linear(config.patch_len, d)
+        self.channel_embed = nn.Embedding(len(self.vocab), d)
+        self.position_embed = PositionEmbedding(d, config.pos_freqs)
+        self.time_embed = nn.Linear(d, d, bias=False)  # over sinusoid(P, D)
+        self.blocks = nn.ModuleList(
+            Block(
+                d,
+                config.heads,
+                make_ffn(config, d, config.ffn_hidden, out_std),
+                config.qk_norm,
+                config.dropout,
+                out_std,
+            )
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(d)
+        # patch_embed keeps PyTorch's fan-in init (std ~ 1/sqrt(L)): the signal enters at unit
+        # scale, above the 0.02-scale channel and time embeddings.
+        nn.init.trunc_normal_(self.channel_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.time_embed.weight, std=0.02)
+        self.last_expert_counts: Tensor | None = None  # [L_moe, E] of the last forward
+
+    # ---- input step ----------------------------------------------------------------------
+
+    def channel_ids(self, ch_names: Sequence[Sequence[str]], n_channels: int | None = None):
+        """``batch["ch_names"]`` -> LongTensor `[B, C]` in this model's vocabulary."""
+        return self.vocab.ids(ch_names, n_channels)
+
+    def prepare(self, batch: Mapping[str, Any] | Tensor) -> EncoderInput:
+        """Reader batch (or bare `eeg [B, C, T]`) -> :class:`EncoderInput` at the model rate.
+
+        Missing keys get defaults: every channel and sample valid, rate = ``config.sfreq``,
+        names unknown; positions come from the 10-05 template when names are given
+        without ``ch_pos``.
+        """
+        if isinstance(batch, Tensor):
+            batch = {"eeg": batch}
+        cfg = self.config
+        eeg = batch["eeg"].float()  # [B, C, T]
+        b, c, t = eeg.shape
+        dev = eeg.device
+        channel_mask = batch.get("channel_mask")
+        channel_mask = (
+            torch.ones(b, c, dtype=torch.bool, device=dev)
+            if channel_mask is None
+            else channel_mask.to(dev, torch.bool)
+        )
+        time_mask = batch.get("time_mask")
+        time_mask = (
+            torch.ones(b, t, dtype=torch.bool, device=dev)
+            if time_mask is None
+            else time_mask.to(dev, torch.bool)
+        )
+
+        if batch.get("ch_ids") is not None:
+            ids = batch["ch_ids"].long()
+        elif batch.get("ch_names") is not None:
+            ids = self.vocab.ids(batch["ch_names"], c)  # on CPU until positions are looked up
+        else:
+            ids = torch.zeros(b, c, dtype=torch.long)
+        if batch.get("ch_pos") is not None:
+            pos = batch["ch_pos"].to(dev, torch.float32)
+            known = batch.get("pos_known")
+            known = (pos.abs().sum(-1) > 0) if known is None else known.to(dev, torch.bool)
+        elif batch.get("ch_names") is not None:
+            pos, known = self.vocab.positions(ids)
+            pos, known = pos.to(dev), known.to(dev)
+        else:
+            pos = torch.zeros(b, c, 3, device=dev)
+            known = torch.zeros(b, c, dtype=torch.bool, device=dev)
+        ids = ids.to(dev)
+        pos = torch.where(known[..., None], pos, torch.zeros_like(pos))
+
+        sfreq = batch.get("sfreq")
+        if sfreq is None:
+            rates = [cfg.sfreq] * b
+        else:
+            rates = torch.as_tensor(sfreq, dtype=torch.float32).reshape(-1).tolist()
+            rates = rates * b if len(rates) == 1 else rates
+
+        # Zero every padded sample first (NaN included): nothing downstream can see it.
+        real = channel_mask[:, :, None] & time_mask[:, None, :]  # [B, C, T]
+        eeg = torch.where(real, eeg, torch.zeros_like(eeg))
+        eeg, time_mask = resample(eeg, time_mask, rates, cfg.sfreq)
+
+        length = cfg.patch_len
+        p = max(1, eeg.shape[-1] // length)
+        if eeg.shape[-1] < p * length:
+            eeg = F.pad(eeg, (0, p * length - eeg.shape[-1]))
+            time_mask = F.pad(time_mask, (0, p * length - time_mask.shape[-1]), value=False)
+        eeg, time_mask = eeg[..., : p * length], time_mask[:, : p * length]
+        real = channel_mask[:, :, None] & time_mask[:, None, :]
+        eeg = torch.where(real, eeg, torch.zeros_like(eeg)) / cfg.input_scale_uv
+        patches = eeg.view(b, c, p, length)  # [B, C, P, L]
+        patch_ok = time_mask.view(b, p, length).all(-1)  # [B, P]
+        valid = channel_mask[:, :, None] & patch_ok[:, None, :]  # [B, C, P]
+        return EncoderInput(patches, valid, ids, pos, known)
+
+    # ---- transformer ---------------------------------------------------------------------
+
+    def encode(
+        self,
+        inp: EncoderInput,
+        token_mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Tokens for a prepared input. ``token_mask [B, C, P]`` (True = hide) replaces those
+        patch embeddings by ``mask_token [D]`` (BERT-style masked modelling); channel and time
+        embeddings are still added, so the model knows where the hidden patch sits."""
+        cfg = self.config
+        b, c, p, _ = inp.patches.shape
+        dtype = self.patch_embed.weight.dtype
+        x = self.patch_embed(inp.patches.to(dtype))  # [B, C, P, D]
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], mask_token.to(x.dtype), x)
+
+        ids = inp.ch_ids
+        if self.training and cfg.channel_name_dropout > 0:
+            drop = torch.rand(ids.shape, device=ids.device) < cfg.channel_name_dropout
+            ids = ids.masked_fill(drop, 0)
+        chan = self.channel_embed(ids) + self.position_embed(inp.ch_pos, inp.pos_known)  # [B,C,D]
+        time = self.time_embed(sinusoid(p, cfg.dim, x.device).to(dtype))  # [P, D]
+        x = x + chan[:, :, None, :] + time[None, None]
+        x = x.reshape(b, c * p, cfg.dim)  # [B, N, D]
+        valid = inp.valid.reshape(b, c * p)  # [B, N]
+        # A sample with no valid token attends to everything (finite garbage, masked later)
+        # instead of to nothing (NaN through softmax).
+        keys = valid | ~valid.any(1, keepdim=True)
+        attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
+
+        aux = x.new_zeros((), dtype=torch.float32)
+        counts = []
+        use_ckpt = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x, a, n = checkpoint(block, x, attn_mask, valid, use_reentrant=False)
+            else:
+                x, a, n = block(x, attn_mask, valid)
+            aux = aux + a
+            if isinstance(block.ffn, MoE):
+                counts.append(n)
+                if self.training and not x.is_meta:  # here, not in the block: not recomputed
+                    block.ffn.record(n)
+        x = self.norm(x)
+        expert_counts = (
+            torch.stack(counts) if counts else torch.zeros(0, 0, dtype=torch.long, device=x.device)
+        )
+        self.last_expert_counts = expert_counts
+        return EncoderOutput(x, valid, c, p, aux, expert_counts)
+
+    def forward(
+        self,
+        batch: Mapping[str, Any] | Tensor | EncoderInput,
+        token_mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> EncoderOutput:
+        inp = batch if isinstance(batch, EncoderInput) else self.prepare(batch)
+        return self.encode(inp, token_mask, mask_token)
+
+    @staticmethod
+    def pool(tokens: Tensor | EncoderOutput, valid: Tensor | None = None) -> Tensor:
+        """Mean over valid tokens -> `[B, D]`: the representation linear probes read.
+
+        ``tokens`` is `[B, N, D]` or `[B, C, P, D]` with ``valid`` of matching leading shape,
+        or an :class:`EncoderOutput`.
+        """
+        if isinstance(tokens, EncoderOutput):
+            tokens, valid = tokens.tokens, tokens.valid
+        b, d = tokens.shape[0], tokens.shape[-1]
+        tokens = tokens.reshape(b, -1, d)
+        if valid is None:
+            return tokens.mean(1)
+        w = valid.reshape(b, -1, 1).to(tokens.dtype)
+        return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    # ---- experts -------------------------------------------------------------------------
+
+    def moe_layers(self) -> list[MoE]:
+        return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
+
+    def routing_counts(self) -> Tensor:
+        """`[L_moe, E]` assignments per expert accumulated over training forwards since the
+        last bias update (all micro-batches of a step): what to all-reduce before
+        :meth:`update_router_bias`."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return torch.stack([m.counts for m in layers])
+
+    @torch.no_grad()
+    def update_router_bias(self, counts: Tensor | None = None, rate: float | None = None) -> None:
+        """Aux-loss-free balancing step; call after every optimizer step.
+
+        ``counts [L_moe, E]``: :meth:`routing_counts` summed over data-parallel ranks (pass
+        the all-reduced tensor so every rank applies the same update); None uses this rank's
+        own counts (single process). Resets the accumulators. No-op for dense models.
+        """
+        layers = self.moe_layers()
+        for i, layer in enumerate(layers):
+            layer.update_bias(None if counts is None else counts[i], rate)
+
+    def reset_routing_counts(self) -> None:
+        for layer in self.moe_layers():
+            layer.reset_counts()
+
+    def expert_stats(self) -> dict[str, Tensor]:
+        """Last forward's per-layer load: counts `[L_moe, E]`, max/mean load `[L_moe]`."""
+        counts = self.last_expert_counts
+        if counts is None or counts.numel() == 0:
+            return {}
+        return {"expert_counts": counts, "expert_imbalance": load_imbalance(counts)}
+
+    # ---- parameters and checkpoints ------------------------------------------------------
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total parameters, and those a token uses (all but its E - K unchosen experts per
+        MoE layer; embedding tables count in full)."""
+        total = sum(p.numel() for p in self.parameters())
+        idle = sum((m.n_experts - m.top_k) * m.params_per_expert for m in self.moe_layers())
+        return {"total": total, "active": total - idle}
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """``path/model.safetensors`` + ``path/config.json`` (config and channel vocabulary).
+
+        Under ZeRO-3 gather the full parameters first (e.g. inside
+        ``deepspeed.zero.GatheredParameters``) and call this on rank 0 only.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        meta = {
+            "model_type": "brainmoe-encoder",
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "channel_vocab": list(self.vocab.names),
+        }
+        (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
+    ) -> Encoder:
+        """Rebuild a saved encoder exactly (router biases included), without DeepSpeed.
+
+        ``overrides`` change non-architectural fields (e.g. ``activation_checkpointing``,
+        ``expert_backend``, ``dropout``).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads((path / "config.json").read_text())
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer brainmoe")
+        config = EncoderConfig.from_dict({**meta["config"], **overrides})
+        state = load_file(str(path / "model.safetensors"), device=str(device))
+        with torch.device("meta"):  # no random init of weights about to be overwritten
+            model = cls(config, meta["channel_vocab"])
+        model.load_state_dict(state, strict=True, assign=True)
+        model._materialize_buffers(torch.device(device))
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def _materialize_buffers(self, device: torch.device) -> None:
+        """Recreate the non-saved buffers left on meta by a meta build + assign-load."""
+        for layer in self.moe_layers():
+            layer.counts = torch.zeros(layer.n_experts, dtype=torch.int64, device=device)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"tensors left on the meta device: {left}")
+
+
+def build_on_meta(config: EncoderConfig) -> Encoder:
+    """An encoder with no storage: for shapes and parameter counts of any size."""
+    with torch.device("meta"):
+        return Encoder(config)
+
+
+def count_parameters(config: EncoderConfig | str) -> dict[str, int]:
+    """``{"total", "active"}`` of a config without allocating it (built on meta)."""
+    if isinstance(config, str):
+        config = get_config(config)
+    return build_on_meta(config).num_parameters()
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def main() -> None:
+    header = f"{'name':<12} {'D':>5} {'depth':>5} {'heads':>5} {'E':>3} {'K':>2} {'shared':>6}"
+    header += f" {'H':>5} {'total':>9} {'active':>9}"
+    print(header)
+    for name in list_configs():
+        cfg = CONFIGS[name]
+        n = count_parameters(cfg)
+        experts = (cfg.n_experts, cfg.top_k, cfg.n_shared_experts) if cfg.is_moe else (0, 0, 0)
+        print(
+            f"{name:<12} {cfg.dim:>5} {cfg.depth:>5} {cfg.heads:>5} {experts[0]:>3} "
+            f"{experts[1]:>2} {experts[2]:>6} {cfg.ffn_hidden:>5} "
+            f"{_fmt(n['total']):>9} {_fmt(n['active']):>9}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Masked signal modelling: hide patches, reconstruct their samples from the rest.
+
+Shape legend: B batch, C channels, P patches per channel, L samples per patch, N = C*P
+tokens, D encoder width, d decoder width.
+
+Why it looks like this:
+
+- **BERT-style masking at the encoder input** (a learned mask token replaces the patch
+  embedding; channel and time embeddings are still added) rather than MAE's dropping of
+  masked tokens: with variable montages and padding, keeping the sequence intact keeps one
+  code path (the same key-padding masks) and lets MoE routing see every token.
+- **Two masking modes.** ``random`` hides valid patches independently; neighbouring
+  channels are strongly correlated in EEG, so this alone can be solved by spatial
+  interpolation. ``time_block`` hides every channel over a time span, forcing temporal
+  prediction. ``mixed`` picks one of the two per sample.
+- **Light dense decoder** (1-2 narrow layers): the encoder must carry the information; the
+  decoder only maps tokens back to samples and is thrown away after pretraining.
+- **Loss on masked, valid patches only**, in the encoder's input units (uV / input_scale),
+  optionally on per-patch normalised targets (MAE's ``norm_pix_loss``) so that
+  high-amplitude recordings do not dominate the loss.
+- Masks come from an optional ``torch.Generator``: the same seed gives the same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.encoder import Block, Encoder, EncoderConfig, EncoderInput, get_config
+from pretrain.moe import SwiGLU, load_imbalance
+
+MASK_MODES = ("random", "time_block", "mixed")
+
+
+@dataclass
+class MSMConfig:
+    """Masked-signal-modelling model: an encoder plus masking and decoder settings."""
+
+    encoder: EncoderConfig = field(default_factory=lambda: get_config("small"))
+    mask_ratio: float = 0.6  # fraction of valid patches (random) or time blocks hidden
+    mask_mode: str = "random"  # "random" | "time_block" | "mixed"
+    block_patches: int = 1  # time_block: length of one hidden span, in patches
+    decoder_dim: int = 0  # 0: min(256, max(32, D // 2))
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_target: bool = False  # per-patch (mean 0, std 1) targets
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, str):
+            self.encoder = get_config(self.encoder)
+        elif isinstance(self.encoder, Mapping):
+            self.encoder = EncoderConfig.from_dict(self.encoder)
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.block_patches < 1:
+            raise ValueError("block_patches must be >= 1")
+        if self.decoder_dim_resolved % self.decoder_heads:
+            raise ValueError("decoder width must be divisible by decoder_heads")
+
+    @property
+    def decoder_dim_resolved(self) -> int:
+        if self.decoder_dim:
+            return self.decoder_dim
+        return min(256, max(32, self.encoder.dim // 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MSMConfig:
+        """``encoder`` may be a dict of fields or a registry name; unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = set(data) - known
+        if extra:
+            raise ValueError(f"unknown MSMConfig keys: {sorted(extra)}")
+        return cls(**dict(data))
+
+
+# ---- masking -----------------------------------------------------------------------------
+
+
+def _n_to_mask(n: Tensor, ratio: float) -> Tensor:
+    """How many of `n [B]` items to hide: round(ratio * n), at least 1 and at most n - 1
+    (something to predict, something to predict from); 0 when n < 2."""
+    k = torch.round(n.float() * ratio).long()
+    k = torch.minimum(torch.clamp(k, min=1), n - 1)
+    return torch.where(n >= 2, k, torch.zeros_like(k))
+
+
+def _rand(shape: Sequence[int], generator: torch.Generator | None, device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(tuple(shape), generator=generator, device=gen_device).to(device)
+
+
+def _choose(ok: Tensor, ratio: float, generator: torch.Generator | None) -> Tensor:
+    """Hide a random ``ratio`` of the True entries of each row of `ok [B, M]` -> `[B, M]`."""
+    noise = _rand(ok.shape, generator, ok.device).masked_fill(~ok, 2.0)  # invalid sort last
+    rank = noise.argsort(1).argsort(1)  # rank of each entry within its row
+    return (rank < _n_to_mask(ok.sum(1), ratio)[:, None]) & ok
+
+
+def random_mask(valid: Tensor, ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """Hide ``ratio`` of each sample's valid patches, uniformly: `valid [B, C, P]` -> same."""
+    b = valid.shape[0]
+    return _choose(valid.reshape(b, -1), ratio, generator).view(valid.shape)
+
+
+def time_block_mask(
+    valid: Tensor, ratio: float, block: int = 1, generator: torch.Generator | None = None
+) -> Tensor:
+    """Hide all channels over ``ratio`` of the time blocks (``block`` patches each, with a
+    random phase per sample): `valid [B, C, P]` -> same."""
+    b, _, p = valid.shape
+    dev = valid.device
+    time_ok = valid.any(1)  # [B, P]
+    offset = (_rand((b,), generator, dev) * block).long().clamp_max(block - 1)  # [B]
+    block_id = (torch.arange(p, device=dev)[None] + offset[:, None]) // block  # [B, P]
+    n_blocks = (p + block - 1) // block + 1
+    block_ok = torch.zeros(b, n_blocks, dtype=torch.long, device=dev)
+    block_ok = block_ok.scatter_add(1, block_id, time_ok.long()) > 0  # [B, n_blocks]
+    hidden = _choose(block_ok, ratio, generator).gather(1, block_id)  # [B, P]
+    return hidden[:, None, :] & valid
+
+
+def make_mask(
+    valid: Tensor,
+    ratio: float,
+    mode: str = "random",
+    block: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """`valid [B, C, P]` -> mask `[B, C, P]` (True = hidden; always a subset of valid)."""
+    if mode == "random":
+        return random_mask(valid, ratio, generator)
+    if mode == "time_block":
+        return time_block_mask(valid, ratio, block, generator)
+    if mode == "mixed":
+        rnd = random_mask(valid, ratio, generator)
+        blk = time_block_mask(valid, ratio, block, generator)
+        coin = _rand((valid.shape[0],), generator, valid.device) < 0.5
+        return torch.where(coin[:, None, None], rnd, blk)
+    raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    """Encoder tokens `[B, N, D]` -> samples of every patch `[B, N, L]` (dense, narrow)."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, patch_len: int):
+        super().__init__()
+        out_std = 0.02 / math.sqrt(2 * max(depth, 1))
+        self.proj = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, SwiGLU(dim, 2 * dim, out_std), True, 0.0, out_std)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, patch_len)
+        for lin in (self.proj, self.head):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        keys = valid | ~valid.any(1, keepdim=True)
+        attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
+        x = self.proj(tokens)
+        for block in self.blocks:
+            x = block(x, attn_mask, valid)[0]
+        return self.head(self.norm(x))
+
+
+class MaskedSignalModel(nn.Module):
+    """Encoder + mask token + decoder; ``forward(batch)`` returns the loss dict the trainer
+    backpropagates (``out["loss"].backward()``)."""
+
+    def __init__(self, config: MSMConfig, channel_vocab: Sequence[str] | None = None):
+        super().__init__()
+        self.config = config
+        enc = config.encoder
+        self.encoder = Encoder(enc, channel_vocab)
+        self.mask_token = nn.Parameter(torch.empty(enc.dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.decoder = Decoder(
+            enc.dim,
+            config.decoder_dim_resolved,
+            config.decoder_depth,
+            config.decoder_heads,
+            enc.patch_len,
+        )
+
+    def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        cfg = self.config
+        return make_mask(valid, cfg.mask_ratio, cfg.mask_mode, cfg.block_patches, generator)
+
+    def target(self, inp: EncoderInput) -> Tensor:
+        """Patch samples to reconstruct `[B, C, P, L]` float32."""
+        target = inp.patches.float()
+        if self.config.norm_target:
+            mean = target.mean(-1, keepdim=True)
+            var = target.var(-1, keepdim=True, unbiased=False)
+            target = (target - mean) / torch.sqrt(var + 1e-6)
+        return target
+
+    def forward(
+        self,
+        batch: Mapping[str, Any] | Tensor,
+        generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """-> ``loss`` (= ``mse`` + ``aux_loss``: what to backpropagate), ``mse`` (masked,
+        valid patches), ``aux_loss``, ``pred``/``target`` `[B, C, P, L]`, ``mask``/``valid``
+        `[B, C, P]`, ``n_masked``, and for MoE encoders ``expert_counts`` `[L_moe, E]` and
+        ``expert_imbalance`` `[L_moe]` (max/mean load) of this forward.
+
+        ``mask`` (True = hide) overrides the sampled mask; it is intersected with validity.
+        """
+        inp = self.encoder.prepare(batch)
+        b, c, p, length = inp.patches.shape
+        if mask is None:
+            mask = self.make_mask(inp.valid, generator)
+        else:
+            mask = mask.to(inp.valid.device, torch.bool) & inp.valid
+        enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
+        pred = self.decoder(enc.tokens, enc.valid).view(b, c, p, length).float()
+        target = self.target(inp)
+        per_patch = (pred - target).pow(2).mean(-1)  # [B, C, P]
+        n_masked = mask.sum()
+        mse = (per_patch * mask).sum() / n_masked.clamp_min(1)
+        out = {
+            "loss": mse + enc.aux_loss,
+            "mse": mse,
+            "aux_loss": enc.aux_loss,
+            "pred": pred,
+            "target": target,
+            "mask": mask,
+            "valid": inp.valid,
+            "n_masked": n_masked,
+        }
+        if enc.expert_counts.numel():
+            out["expert_counts"] = enc.expert_counts
+            out["expert_imbalance"] = load_imbalance(enc.expert_counts)
+        return out
+
+    def num_parameters(self) -> dict[str, int]:
+        """Encoder counts (what is kept after pretraining) plus the decoder side."""
+        enc = self.encoder.num_parameters()
+        extra = sum(p.numel() for p in self.decoder.parameters()) + self.mask_token.numel()
+        return {**enc, "decoder": extra}
