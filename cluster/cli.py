@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shards.cli import add_parser as add_shards
 
     add_shards(sub)
+    from pretrain.cli import add_parsers as add_pretrain
+
+    add_pretrain(sub)
     return parser
 
 

@@ -128,10 +128,12 @@ class MoE(nn.Module):
         return 3 * self.dim * self.hidden
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
         bias = self._buffers["router_bias"]
-        if bias is not None and bias.dtype != torch.float32:
-            self._buffers["router_bias"] = bias.float()
+        super()._apply(fn, recurse)
+        moved = self._buffers["router_bias"]
+        if moved is not None and moved.dtype != torch.float32:
+            # restore the float32 values, not a round trip through bf16 (0.06 -> 0.0601)
+            self._buffers["router_bias"] = bias.to(moved.device, torch.float32)
         return self
 
     # ---- routing -------------------------------------------------------------------------

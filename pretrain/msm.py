@@ -18,6 +18,13 @@ Why it looks like this:
 - **Loss on masked, valid patches only**, in the encoder's input units (uV / input_scale),
   optionally on per-patch normalised targets (MAE's ``norm_pix_loss``) so that
   high-amplitude recordings do not dominate the loss.
+- **What is reconstructed** (``target``): the samples (``signal``), the log amplitude
+  spectrum of each patch (``spectrum``), or both. Ongoing EEG rhythms have random phase, so
+  a hidden patch's samples are mostly unpredictable and time-domain MSE alone drives the
+  decoder to predict ~0 (the plotted reconstructions show it); its power per frequency
+  *is* predictable from context (a 10 Hz burst lasting 2 s), so the spectral target makes
+  the encoder carry band power -- what motor-imagery and most EEG labels live in (LaBraM
+  reconstructs Fourier amplitudes for the same reason).
 - Masks come from an optional ``torch.Generator``: the same seed gives the same masks.
 """
 
@@ -36,6 +43,8 @@ from pretrain.encoder import Block, Encoder, EncoderConfig, EncoderInput, get_co
 from pretrain.moe import SwiGLU, load_imbalance
 
 MASK_MODES = ("random", "time_block", "mixed")
+TARGETS = ("signal", "spectrum", "both")
+SPECTRUM_FLOOR = 0.01  # amplitude floor of the log spectrum: 1 uV at input_scale_uv=100
 
 
 @dataclass
@@ -49,7 +58,9 @@ class MSMConfig:
     decoder_dim: int = 0  # 0: min(256, max(32, D // 2))
     decoder_depth: int = 2
     decoder_heads: int = 4
-    norm_target: bool = False  # per-patch (mean 0, std 1) targets
+    norm_target: bool = False  # per-patch (mean 0, std 1) signal targets
+    target: str = "signal"  # "signal" | "spectrum" | "both" (see the module docstring)
+    spectrum_weight: float = 1.0  # weight of the spectrum MSE when target == "both"
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -60,10 +71,25 @@ class MSMConfig:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.spectrum_weight < 0:
+            raise ValueError(f"spectrum_weight must be >= 0, got {self.spectrum_weight}")
         if self.block_patches < 1:
             raise ValueError("block_patches must be >= 1")
         if self.decoder_dim_resolved % self.decoder_heads:
             raise ValueError("decoder width must be divisible by decoder_heads")
+
+    @property
+    def n_freqs(self) -> int:
+        """F: rFFT bins of one patch."""
+        return self.encoder.patch_len // 2 + 1
+
+    @property
+    def out_dim(self) -> int:
+        """Values the decoder predicts per patch: L samples and/or F log amplitudes."""
+        signal = self.encoder.patch_len if self.target != "spectrum" else 0
+        return signal + (self.n_freqs if self.target != "signal" else 0)
 
     @property
     def decoder_dim_resolved(self) -> int:
@@ -153,8 +179,16 @@ def make_mask(
 # ---- model -------------------------------------------------------------------------------
 
 
+def log_spectrum(patches: Tensor) -> Tensor:
+    """`[..., L]` -> log amplitude spectrum `[..., F]` (Parseval-scaled: the mean of amp**2
+    over bins is about the patch's mean power), floored at ``SPECTRUM_FLOOR``."""
+    amp = torch.fft.rfft(patches.float(), dim=-1).abs() / math.sqrt(patches.shape[-1])
+    return torch.log(amp + SPECTRUM_FLOOR)
+
+
 class Decoder(nn.Module):
-    """Encoder tokens `[B, N, D]` -> samples of every patch `[B, N, L]` (dense, narrow)."""
+    """Encoder tokens `[B, N, D]` -> predictions of every patch `[B, N, out_dim]` (dense,
+    narrow)."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, heads: int, patch_len: int):
         super().__init__()
@@ -195,7 +229,7 @@ class MaskedSignalModel(nn.Module):
             config.decoder_dim_resolved,
             config.decoder_depth,
             config.decoder_heads,
-            enc.patch_len,
+            config.out_dim,
         )
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -218,7 +252,9 @@ class MaskedSignalModel(nn.Module):
         mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """-> ``loss`` (= ``mse`` + ``aux_loss``: what to backpropagate), ``mse`` (masked,
-        valid patches), ``aux_loss``, ``pred``/``target`` `[B, C, P, L]`, ``mask``/``valid``
+        valid patches; ``mse_signal`` + weight x ``mse_spectrum`` as configured), ``aux_loss``,
+        ``pred``/``target`` `[B, C, P, L]` (``pred_spectrum``/``target_spectrum``
+        `[B, C, P, F]` with a spectral target), ``mask``/``valid``
         `[B, C, P]`, ``n_masked``, and for MoE encoders ``expert_counts`` `[L_moe, E]` and
         ``expert_imbalance`` `[L_moe]` (max/mean load) of this forward.
 
@@ -231,21 +267,36 @@ class MaskedSignalModel(nn.Module):
         else:
             mask = mask.to(inp.valid.device, torch.bool) & inp.valid
         enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
-        pred = self.decoder(enc.tokens, enc.valid).view(b, c, p, length).float()
-        target = self.target(inp)
-        per_patch = (pred - target).pow(2).mean(-1)  # [B, C, P]
+        out_all = self.decoder(enc.tokens, enc.valid).view(b, c, p, -1).float()
         n_masked = mask.sum()
-        mse = (per_patch * mask).sum() / n_masked.clamp_min(1)
-        out = {
-            "loss": mse + enc.aux_loss,
-            "mse": mse,
-            "aux_loss": enc.aux_loss,
-            "pred": pred,
-            "target": target,
-            "mask": mask,
-            "valid": inp.valid,
-            "n_masked": n_masked,
-        }
+
+        def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
+            per_patch = (pred - target).pow(2).mean(-1)  # [B, C, P]
+            return (per_patch * mask).sum() / n_masked.clamp_min(1)
+
+        out: dict[str, Tensor] = {}
+        mse = out_all.new_zeros(())
+        split = length if self.config.target != "spectrum" else 0
+        if self.config.target != "spectrum":
+            out["pred"], out["target"] = out_all[..., :split], self.target(inp)
+            out["mse_signal"] = masked_mse(out["pred"], out["target"])
+            mse = mse + out["mse_signal"]
+        if self.config.target != "signal":
+            out["pred_spectrum"] = out_all[..., split:]  # [B, C, P, F]
+            out["target_spectrum"] = log_spectrum(inp.patches)
+            out["mse_spectrum"] = masked_mse(out["pred_spectrum"], out["target_spectrum"])
+            weight = self.config.spectrum_weight if self.config.target == "both" else 1.0
+            mse = mse + weight * out["mse_spectrum"]
+            if "pred" not in out:  # plots and callers read pred/target
+                out["pred"], out["target"] = out["pred_spectrum"], out["target_spectrum"]
+        out.update(
+            loss=mse + enc.aux_loss,
+            mse=mse,
+            aux_loss=enc.aux_loss,
+            mask=mask,
+            valid=inp.valid,
+            n_masked=n_masked,
+        )
         if enc.expert_counts.numel():
             out["expert_counts"] = enc.expert_counts
             out["expert_imbalance"] = load_imbalance(enc.expert_counts)

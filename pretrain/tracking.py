@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,21 @@ class Tracker:
             )
             mlflow.create_experiment(config.experiment, artifact_location=location)
         mlflow.set_experiment(config.experiment)
-        # resume=true continues the same MLflow run, so one training shows as one curve
-        run = mlflow.start_run(run_id=run_id, run_name=config.run_name)
+        # resume=true continues the same MLflow run, so one training shows as one curve --
+        # unless that run is not in this store (run folder moved, tracking URI changed): then
+        # a new run, pointing at the old id, rather than a crash after the checkpoint loaded.
+        tags = None
+        if run_id is not None:
+            try:
+                mlflow.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                warnings.warn(
+                    f"MLflow run {run_id} of the checkpoint is not in {uri}; logging the resumed "
+                    "training to a new run",
+                    stacklevel=2,
+                )
+                tags, run_id = {"resumed_from_run_id": run_id}, None
+        run = mlflow.start_run(run_id=run_id, run_name=config.run_name, tags=tags)
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -144,6 +158,11 @@ def register_folder(
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     active = mlflow.active_run()
+    if run_id is not None and (active is None or active.info.run_id != run_id):
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # the training run lives in another store: log to a new run here
     if active is not None and run_id in (None, active.info.run_id):
         ctx = contextlib.nullcontext()  # called from inside a training run: log there
     else:

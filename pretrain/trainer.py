@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pretrain.config import PretrainConfig
 from pretrain.ds_config import deepspeed_config
 from pretrain.model import build_model, encoder_config, validate_config
-from pretrain.tracking import Tracker, git_commit
+from pretrain.tracking import Tracker, default_uri, git_commit
 from shards.config import flatten, to_dict, to_yaml
 from shards.reader import ReaderConfig, make_loader
 
@@ -77,6 +77,11 @@ class Trainer:
         validate_config(cfg, self.world)
         self.run_dir = cfg.run_path
         self.ckpt_dir = self.run_dir / CHECKPOINTS
+        self.tracking_uri = (
+            (cfg.tracking.tracking_uri or default_uri(self.run_dir))
+            if cfg.tracking.enabled
+            else None
+        )
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -193,6 +198,7 @@ class Trainer:
             "git_commit": git_commit(),
             "step": self.state.step,
             "mlflow_run_id": self.state.mlflow_run_id,
+            "tracking_uri": self.tracking_uri,
         }
 
     # ---- the loop -----------------------------------------------------------------------
@@ -365,7 +371,7 @@ class Trainer:
 
         out = self.run_dir / "encoder"
         export_checkpoint(self.ckpt_dir, out)
-        uri = self.cfg.tracking.tracking_uri or tracker.mlflow.get_tracking_uri()
+        uri = self.tracking_uri
         info = register_export(
             out,
             self.cfg.register.name,

@@ -575,3 +575,28 @@ def test_msm_training_lowers_the_loss_on_sinusoids():
         losses.append(out["mse"].item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.3 * first, (first, last)
+
+
+@pytest.mark.parametrize("target", ["spectrum", "both"])
+def test_spectral_target(target):
+    """The log amplitude spectrum of a hidden patch is predicted beside (or instead of) its
+    samples; a sinusoid's spectrum peaks at its own bin."""
+    model = tiny_msm(target=target, spectrum_weight=0.5).train()
+    length, n_freqs = model.config.encoder.patch_len, model.config.n_freqs
+    t = torch.arange(800) / 200
+    eeg = 50 * torch.sin(2 * math.pi * 10 * t).expand(1, 3, 800).clone()  # 10 Hz, 50 uV
+    out = model({"eeg": eeg}, generator=torch.Generator().manual_seed(0))
+    assert out["pred_spectrum"].shape == out["target_spectrum"].shape == (1, 3, 4, n_freqs)
+    peak = out["target_spectrum"][0, 0, 0].argmax().item()
+    assert peak == 10, peak  # 1 s patches: bin k is k Hz
+    mask = out["mask"]
+    manual = (out["pred_spectrum"] - out["target_spectrum"]).pow(2).mean(-1)[mask].mean()
+    torch.testing.assert_close(out["mse_spectrum"], manual)
+    if target == "both":
+        assert out["pred"].shape == (1, 3, 4, length)
+        torch.testing.assert_close(out["mse"], out["mse_signal"] + 0.5 * out["mse_spectrum"])
+    else:
+        torch.testing.assert_close(out["mse"], out["mse_spectrum"])
+    out["loss"].backward()
+    with pytest.raises(ValueError, match="target must be one of"):
+        MSMConfig(encoder="tiny", target="fft")

@@ -268,6 +268,10 @@ def test_router_bias_stays_float32_in_bf16():
         moe.backend = backend
         y, _, _ = moe(torch.randn(10, D, dtype=torch.bfloat16))
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    # a trained bias keeps its exact float32 values through a cast (not rounded via bf16)
+    moe.router_bias.copy_(torch.tensor([0.06, -0.02, 0.0013, 0.0, 0.5, -0.1]))
+    before = moe.router_bias.clone()
+    assert torch.equal(moe.float().bfloat16().router_bias, before)
 
 
 def test_state_dict_holds_bias_not_counts():

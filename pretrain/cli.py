@@ -1,0 +1,164 @@
+"""`brainmoe pretrain | export | register | probe`: the pretraining layer's commands.
+
+`brainmoe pretrain` checks the whole config (world size included) in this process, so a
+mistake costs a second instead of a DeepSpeed launch, then hands over to the `deepspeed`
+launcher; on a machine without CUDA it selects DeepSpeed's CPU accelerator (gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+RUN_PY = Path(__file__).resolve().with_name("run.py")
+
+
+def add_parsers(subparsers) -> None:
+    pre = subparsers.add_parser(
+        "pretrain",
+        help="masked-signal pretraining of the MoE encoder under DeepSpeed",
+        description="Checks the config, then runs `deepspeed pretrain/run.py` on this node "
+        "(or on every node of --hostfile).",
+    )
+    pre.add_argument("--config", help="YAML run config (configs/pretrain/*.yaml)")
+    pre.add_argument("--num-gpus", type=int, default=1, help="processes per node (default 1)")
+    pre.add_argument("--num-nodes", type=int, default=1, help="nodes (with --hostfile)")
+    pre.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
+    pre.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    pre.add_argument("overrides", nargs="*", metavar="key=value")
+    pre.set_defaults(func=_pretrain)
+
+    exp = subparsers.add_parser(
+        "export", help="consolidate a (ZeRO) checkpoint into a from_pretrained folder"
+    )
+    exp.add_argument("checkpoint", help="run_dir/checkpoints (newest) or one step folder in it")
+    exp.add_argument("out", help="output folder (model.safetensors + config.json)")
+    exp.set_defaults(func=_export)
+
+    reg = subparsers.add_parser(
+        "register", help="log an exported encoder to MLflow and register a version with an alias"
+    )
+    reg.add_argument("folder", help="an exported encoder folder (brainmoe export)")
+    reg.add_argument("--name", required=True, help="registered model name")
+    reg.add_argument("--alias", default="current", help="alias to point at the new version")
+    reg.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the training run's store, from the folder's "
+        "lineage, else $MLFLOW_TRACKING_URI)",
+    )
+    reg.set_defaults(func=_register)
+
+    probe = subparsers.add_parser(
+        "probe", help="linear probe of a frozen encoder vs a random-init twin and chance"
+    )
+    probe.add_argument("--model", required=True, help="encoder folder or models:/<name>@<alias>")
+    probe.add_argument("--source", required=True, help="a labelled source spec")
+    probe.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (or env)")
+    probe.add_argument("--max-windows", type=int, default=2000)
+    probe.add_argument("--seed", type=int, default=0, help="seed of the random-init twin")
+    probe.add_argument("--json", help="also write the result to this JSON file")
+    probe.set_defaults(func=_probe)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(args: argparse.Namespace) -> list[str]:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher) if launcher.exists() else "deepspeed"]
+    if args.hostfile:
+        cmd += ["--hostfile", args.hostfile, "--num_nodes", str(args.num_nodes)]
+    cmd += ["--num_gpus", str(args.num_gpus), "--master_port", str(args.master_port or free_port())]
+    cmd += [str(RUN_PY)]
+    if args.config:
+        cmd += ["--config", args.config]
+    return cmd + list(args.overrides)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from pretrain.config import PretrainConfig
+    from pretrain.model import validate_config
+    from shards.config import load_config
+
+    if args.num_gpus < 1 or args.num_nodes < 1:
+        raise ValueError("--num-gpus and --num-nodes must be at least 1")
+    if args.num_nodes > 1 and not args.hostfile:
+        raise ValueError("--num-nodes > 1 needs --hostfile listing the nodes")
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    validate_config(cfg, world_size=args.num_gpus * args.num_nodes)
+    env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env:
+        import torch
+
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"  # gloo on CPU: laptops, CI
+    cmd = launch_command(args)
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pretrain.encoder import Encoder
+    from pretrain.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    n = Encoder.from_pretrained(out).num_parameters()  # proves the folder loads on its own
+    print(f"exported {out} ({n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active)")
+    return 0
+
+
+def default_tracking_uri(folder: str | Path) -> str:
+    lineage = Path(folder) / "lineage.json"
+    if lineage.exists():
+        uri = json.loads(lineage.read_text()).get("tracking_uri")
+        if uri:
+            return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    raise ValueError(
+        f"no tracking URI for {folder}: pass --tracking-uri (e.g. sqlite:///mlflow.db) "
+        "or set MLFLOW_TRACKING_URI"
+    )
+
+
+def _register(args: argparse.Namespace) -> int:
+    from pretrain.export import register_export
+
+    uri = args.tracking_uri or default_tracking_uri(args.folder)
+    info = register_export(args.folder, args.name, args.alias, uri)
+    print(
+        f"registered {info['name']} version {info['version']} as "
+        f"models:/{info['name']}@{info['alias']} in {uri}"
+    )
+    for key, value in sorted(info["tags"].items()):
+        if key != "resolved_config":
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pretrain.encoder import Encoder
+    from pretrain.probe import format_result, probe
+    from pretrain.tracking import resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = resolve_model(
+            args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), tmp
+        )
+        encoder = Encoder.from_pretrained(folder)
+        result = probe(encoder, args.source, seed=args.seed, max_windows=args.max_windows)
+    result["model"] = args.model
+    print(format_result(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0

@@ -1,0 +1,97 @@
+"""Config mistakes stop `brainmoe pretrain` before DeepSpeed spawns a single process.
+
+Each case goes through the real command; the run folder must not exist afterwards (a rank
+would have created it), and the message must name the key to fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main as brainmoe
+from pretrain.config import PretrainConfig
+from pretrain.ds_config import deepspeed_config
+from shards.build import BuildConfig, build
+from shards.config import load_config
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    build(
+        load_config(
+            BuildConfig,
+            sources=["synthetic?subjects=1&runs=1&duration_s=16"],
+            out=str(out),
+            workers=0,
+        )
+    )
+    return out
+
+
+CASES = [
+    (["dist.zero_stage=4"], "dist.zero_stage must be 0, 1, 2 or 3"),
+    (["dist.precision=fp16"], "dist.precision must be bf16 or fp32"),
+    (["dist.micro_batch=4"], "differs from dist.micro_batch"),
+    (["dist.global_batch=24"], "dist.global_batch=24 but micro_batch x grad_accum x world size"),
+    (["model.name=huge"], "is not a named encoder config"),
+    (["model.overrides.top_k=5"], "top_k <= n_experts"),
+    (["model.overrides.heads=5"], "not divisible by heads"),
+    (["model.overrides.n_expert=8"], "unknown encoder fields ['n_expert']"),
+    (["model.overrides.patch_seconds=8.0"], "longer than the 4.0 s windows"),
+    (["msm.mask_ratio=1.5"], "mask_ratio must be in (0, 1)"),
+    (["optim.warmup_steps=400"], "must be below train.steps"),
+    (["train.steps=0"], "train.steps must be >= 1"),
+    (["register.name=enc", "tracking.enabled=false"], "needs MLflow"),
+    (["train.stepz=3"], "train.stepz"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CASES, ids=[c[0][0] for c in CASES])
+def test_bad_config_stops_before_launch(corpus, tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "--num-gpus", "2", "--config", TINY, f"data.shards=[{corpus}]"]
+    args += [f"train.run_dir={run_dir}", *overrides]
+    assert brainmoe(args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not run_dir.exists(), "a rank started: the check came too late"
+
+
+def test_missing_shards_are_named(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert brainmoe(["pretrain", "--config", TINY, f"data.shards=[{missing}]"]) == 2
+    assert f"data.shards: {missing} is not a folder" in capsys.readouterr().err
+    assert brainmoe(["pretrain", "--config", TINY]) == 2
+    assert "data.shards is empty" in capsys.readouterr().err
+
+
+def test_deepspeed_json_is_generated_from_the_run_config():
+    cfg = load_config(
+        PretrainConfig,
+        TINY,
+        ["dist.zero_stage=3", "dist.grad_accum=4", "optim.lr=3e-4", "dist.precision=fp32"],
+    )
+    ds = deepspeed_config(cfg.dist, cfg.optim, cfg.train.steps)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.dist.micro_batch
+    assert ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["bf16"] == {"enabled": False}
+    assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.steps
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == cfg.optim.warmup_steps
+    json.dumps(ds)  # what DeepSpeed receives is plain JSON
+
+
+def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step0000100").mkdir(parents=True)
+    args = ["pretrain", "--config", TINY, f"data.shards=[{corpus}]", f"train.run_dir={run_dir}"]
+    assert brainmoe(args) == 2
+    assert "already holds checkpoints: pass train.resume=true" in capsys.readouterr().err
