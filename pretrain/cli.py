@@ -95,6 +95,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     validate_config(cfg, world_size=args.num_gpus * args.num_nodes)
     env = dict(os.environ)
+    # the launcher starts `python`s of its own: make them this environment's
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if "DS_ACCELERATOR" not in env:
         import torch
 

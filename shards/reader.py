@@ -413,15 +413,34 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def decode_samples(src: Iterable[dict]) -> Iterator[dict]:
-    for raw in src:
-        try:
-            yield decode_sample(raw)
-        except Exception as err:
-            _warn(
-                f"skipping sample {raw.get('__key__')} of shard {raw.get('__url__')}: "
-                f"{_describe(err)}"
-            )
+class DecodeSamples(wds.PipelineStage):
+    """Raw samples -> arrays; a sample that fails to decode (or holds NaN/inf) is skipped
+    with a warning. Many in a row mean the corpus is broken, not a sample: that raises,
+    since in resampled mode a corpus without one good sample would otherwise spin forever."""
+
+    def __init__(self, max_failures_in_a_row: int = 1000):
+        self.max_failures = max_failures_in_a_row
+
+    def run(self, src: Iterable[dict]) -> Iterator[dict]:
+        failures = 0
+        for raw in src:
+            try:
+                sample = decode_sample(raw)
+            except Exception as err:
+                _warn(
+                    f"skipping sample {raw.get('__key__')} of shard {raw.get('__url__')}: "
+                    f"{_describe(err)}"
+                )
+                failures += 1
+                if failures >= self.max_failures:
+                    raise RuntimeError(
+                        f"{failures} samples in a row could not be used (last: "
+                        f"{_describe(err)}): the corpus is broken; check it with "
+                        "`brainmoe shards verify` and rebuild it"
+                    ) from err
+                continue
+            failures = 0
+            yield sample
 
 
 def collate_eeg(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -519,7 +538,7 @@ def build_pipeline(
         ShuffleSamples(cfg.shuffle_buffer, cfg.shuffle_initial, cfg.seed, rank, shared)
         if shuffle_samples
         else None,
-        decode_samples,  # -> arrays; bad samples skipped
+        DecodeSamples(),  # -> arrays; bad samples skipped
         wds.batched(cfg.batch_size, collation_fn=collate_eeg, partial=cfg.partial),
     ]
     pipeline = EEGPipeline(*stages)

@@ -11,9 +11,9 @@ runs are few and shared (module-scoped fixtures).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,7 +170,7 @@ def test_registry_version_under_alias_with_lineage(zero2, corpus, tmp_path):
         text=True,
     )
     assert f"models:/{NAME}@again" in must_succeed(result)
-    assert client.get_model_version_by_alias(NAME, "again").version == "2"
+    assert str(client.get_model_version_by_alias(NAME, "again").version) == "2"
 
 
 def test_linear_probe_beats_random_init(zero2, tmp_path):
@@ -255,24 +255,23 @@ def test_zero3_short_run_exports(corpus, tmp_path):
 
 
 def test_nan_losses_stop_the_run_with_a_clear_message(corpus, tmp_path):
-    """Shards whose windows are all NaN (as if a writer had been broken): every step is
-    skipped and counted, and max_nan_streak in a row stops the run (exit code 3)."""
-    import webdataset as wds
-
-    bad = tmp_path / "nan-corpus"
-    shutil.copytree(corpus, bad)
-    for tar in sorted(bad.glob("*.tar")):
-        samples = list(wds.WebDataset(str(tar), shardshuffle=False))
-        with wds.TarWriter(str(tar)) as sink:
-            for sample in samples:
-                eeg = np.load(io.BytesIO(sample["eeg.npy"]))
-                keep = {k: v for k, v in sample.items() if k in ("__key__", "json")}
-                sink.write({**keep, "eeg.npy": np.full_like(eeg, np.nan)})
-    run_dir = tmp_path / "nan-run"
+    """A diverging run (lr 1e30: the first update sends the weights to ~1e30 and the loss to
+    inf/NaN): every such step is skipped and counted, and max_nan_streak in a row stop the
+    run with exit code 3 and what to do about it. (NaN *data* never gets this far: the
+    reader drops such samples, see tests/test_reader.py.)"""
     result = launch(
-        run_dir, bad, "train.steps=20", "train.max_nan_streak=3", "train.plots=false", gpus=1
+        tmp_path / "diverging",
+        corpus,
+        "optim.lr=1e30",
+        "optim.warmup_steps=1",
+        "train.steps=20",
+        "train.max_nan_streak=3",
+        "train.plots=false",
+        gpus=1,
     )
     log = result.stdout + result.stderr
-    assert result.returncode != 0, log[-3000:]
-    assert "3 non-finite losses in a row at step 0: the run diverged" in log, log[-3000:]
-    assert "(3 in a row, 3 in all)" in log
+    assert result.returncode == 3, log[-3000:]
+    assert re.search(r"3 non-finite losses in a row at step \d+: the run diverged", log), log[
+        -3000:
+    ]
+    assert "(3 in a row, 3 in all)" in log and "Lower optim.lr" in log

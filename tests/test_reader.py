@@ -322,3 +322,23 @@ def test_an_unreadable_corpus_stops_resampling(tmp_path):
     loader = make_loader(out, cfg(resampled=True))
     with pytest.warns(ShardReadWarning), pytest.raises(RuntimeError, match="in a row"):
         list(loader)
+
+
+def test_a_corpus_of_unusable_samples_stops_resampling(tmp_path):
+    # Shards that read fine but whose every window holds NaN: also raise, not spin.
+    out = tmp_path / "nan"
+    keys = write_corpus(out)
+    for name in keys:
+        samples = list(wds.WebDataset(str(out / name), shardshuffle=False))
+        with wds.TarWriter(str(out / name), encoder=False) as tar:
+            for s in samples:
+                eeg = np.load(io.BytesIO(s["eeg.npy"]))
+                buf = io.BytesIO()
+                np.save(buf, np.full_like(eeg, np.nan), allow_pickle=False)
+                tar.write({"__key__": s["__key__"], "eeg.npy": buf.getvalue(), "json": s["json"]})
+    loader = make_loader(out, cfg(resampled=True))
+    with (
+        pytest.warns(ShardReadWarning, match="NaN"),
+        pytest.raises(RuntimeError, match="samples in a row could not be used"),
+    ):
+        list(loader)
