@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.moe import BACKENDS, GATES, MoE, SwiGLU, load_imbalance
+from pretrain.spectral import log_spectrum
 
 UNKNOWN_CHANNEL = "<unk>"
 FORMAT_VERSION = 1
@@ -56,6 +57,10 @@ class EncoderConfig:
     sfreq: float = 200.0  # model sampling rate (Hz); inputs are resampled to it
     patch_seconds: float = 1.0  # patch length; L = round(patch_seconds * sfreq)
     input_scale_uv: float = 100.0  # inputs in uV are divided by this
+    # > 0: add an embedding of the patch's log power in this many bands (CBraMod-style);
+    # the pre-norm blocks normalise each token, which hides amplitude from a linear patch
+    # embedding alone, and band power is where most EEG labels live
+    spectral_bands: int = 0
     # Transformer.
     dim: int = 256  # D
     depth: int = 6
@@ -90,6 +95,11 @@ class EncoderConfig:
             raise ValueError(f"expert_backend must be one of {BACKENDS}")
         if self.patch_len < 1:
             raise ValueError("patch_seconds * sfreq must be at least one sample")
+        if not 0 <= self.spectral_bands <= self.patch_len // 2:
+            raise ValueError(
+                f"spectral_bands must be in [0, {self.patch_len // 2}] (patch of "
+                f"{self.patch_len} samples), got {self.spectral_bands}"
+            )
 
     @property
     def patch_len(self) -> int:
@@ -419,6 +429,9 @@ class Encoder(nn.Module):
         d = config.dim
         out_std = 0.02 / math.sqrt(2 * config.depth)  # residual branches sum over 2*depth
         self.patch_embed = nn.Linear(config.patch_len, d)
+        self.spectral_embed = (
+            nn.Linear(config.spectral_bands, d) if config.spectral_bands > 0 else None
+        )
         self.channel_embed = nn.Embedding(len(self.vocab), d)
         self.position_embed = PositionEmbedding(d, config.pos_freqs)
         self.time_embed = nn.Linear(d, d, bias=False)  # over sinusoid(P, D)
@@ -531,6 +544,10 @@ class Encoder(nn.Module):
         b, c, p, _ = inp.patches.shape
         dtype = self.patch_embed.weight.dtype
         x = self.patch_embed(inp.patches.to(dtype))  # [B, C, P, D]
+        if self.spectral_embed is not None:
+            power = log_spectrum(inp.patches, cfg.spectral_bands)  # [B, C, P, bands]
+            power = power.masked_fill(~inp.valid[..., None], 0.0)
+            x = x + self.spectral_embed(power.to(dtype))
         if token_mask is not None:
             x = torch.where(token_mask[..., None], mask_token.to(x.dtype), x)
 

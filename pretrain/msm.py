@@ -41,10 +41,10 @@ from torch import Tensor, nn
 
 from pretrain.encoder import Block, Encoder, EncoderConfig, EncoderInput, get_config
 from pretrain.moe import SwiGLU, load_imbalance
+from pretrain.spectral import log_spectrum
 
 MASK_MODES = ("random", "time_block", "mixed")
 TARGETS = ("signal", "spectrum", "both")
-SPECTRUM_FLOOR = 0.01  # amplitude floor of the log spectrum: 1 uV at input_scale_uv=100
 
 
 @dataclass
@@ -61,6 +61,10 @@ class MSMConfig:
     norm_target: bool = False  # per-patch (mean 0, std 1) signal targets
     target: str = "signal"  # "signal" | "spectrum" | "both" (see the module docstring)
     spectrum_weight: float = 1.0  # weight of the spectrum MSE when target == "both"
+    # 0: every rFFT bin; n: log power in n log-spaced bands (less noisy per value)
+    spectrum_bands: int = 0
+    # weight of the same loss on the visible patches (0: masked patches only, as in MAE)
+    visible_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -82,8 +86,8 @@ class MSMConfig:
 
     @property
     def n_freqs(self) -> int:
-        """F: rFFT bins of one patch."""
-        return self.encoder.patch_len // 2 + 1
+        """F: spectral values per patch (rFFT bins, or bands)."""
+        return self.spectrum_bands or self.encoder.patch_len // 2 + 1
 
     @property
     def out_dim(self) -> int:
@@ -179,13 +183,6 @@ def make_mask(
 # ---- model -------------------------------------------------------------------------------
 
 
-def log_spectrum(patches: Tensor) -> Tensor:
-    """`[..., L]` -> log amplitude spectrum `[..., F]` (Parseval-scaled: the mean of amp**2
-    over bins is about the patch's mean power), floored at ``SPECTRUM_FLOOR``."""
-    amp = torch.fft.rfft(patches.float(), dim=-1).abs() / math.sqrt(patches.shape[-1])
-    return torch.log(amp + SPECTRUM_FLOOR)
-
-
 class Decoder(nn.Module):
     """Encoder tokens `[B, N, D]` -> predictions of every patch `[B, N, out_dim]` (dense,
     narrow)."""
@@ -270,9 +267,15 @@ class MaskedSignalModel(nn.Module):
         out_all = self.decoder(enc.tokens, enc.valid).view(b, c, p, -1).float()
         n_masked = mask.sum()
 
+        visible = inp.valid & ~mask
+        vw = self.config.visible_weight
+
         def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
             per_patch = (pred - target).pow(2).mean(-1)  # [B, C, P]
-            return (per_patch * mask).sum() / n_masked.clamp_min(1)
+            loss = (per_patch * mask).sum() / n_masked.clamp_min(1)
+            if vw > 0:
+                loss = loss + vw * (per_patch * visible).sum() / visible.sum().clamp_min(1)
+            return loss
 
         out: dict[str, Tensor] = {}
         mse = out_all.new_zeros(())
@@ -283,7 +286,7 @@ class MaskedSignalModel(nn.Module):
             mse = mse + out["mse_signal"]
         if self.config.target != "signal":
             out["pred_spectrum"] = out_all[..., split:]  # [B, C, P, F]
-            out["target_spectrum"] = log_spectrum(inp.patches)
+            out["target_spectrum"] = log_spectrum(inp.patches, self.config.spectrum_bands)
             out["mse_spectrum"] = masked_mse(out["pred_spectrum"], out["target_spectrum"])
             weight = self.config.spectrum_weight if self.config.target == "both" else 1.0
             mse = mse + weight * out["mse_spectrum"]

@@ -600,3 +600,37 @@ def test_spectral_target(target):
     out["loss"].backward()
     with pytest.raises(ValueError, match="target must be one of"):
         MSMConfig(encoder="tiny", target="fft")
+
+
+def test_spectral_patch_embedding():
+    """An encoder that also embeds each patch's log band power: shapes, padding still never
+    leaks (NaN in the padding included), and a bad band count is refused."""
+    torch.manual_seed(0)
+    model = Encoder(get_config("tiny", spectral_bands=8)).eval()
+    batch = make_batch([19, 7], [4.0, 2.5], seed=2)
+    noisy = dict(batch, eeg=batch["eeg"].clone())
+    pad = ~(batch["channel_mask"][:, :, None] & batch["time_mask"][:, None, :])
+    noisy["eeg"][pad] = float("nan")
+    with torch.no_grad():
+        out, out2 = model(batch), model(noisy)
+    assert out.tokens.shape == (2, 19 * 4, 64)
+    assert torch.equal(out.tokens[out.valid], out2.tokens[out2.valid])
+    assert torch.isfinite(out2.tokens[out2.valid]).all()
+    with pytest.raises(ValueError, match="spectral_bands must be in"):
+        get_config("tiny", spectral_bands=500)
+
+
+def test_band_spectrum_target_and_visible_weight():
+    model = tiny_msm(target="spectrum", spectrum_bands=12, visible_weight=0.5).train()
+    t = torch.arange(800) / 200
+    eeg = 50 * torch.sin(2 * math.pi * 10 * t).expand(1, 3, 800).clone()
+    out = model({"eeg": eeg}, generator=torch.Generator().manual_seed(0))
+    assert out["target_spectrum"].shape == (1, 3, 4, 12)
+    from pretrain.spectral import band_matrix
+
+    peak_band = out["target_spectrum"][0, 0, 0].argmax().item()
+    assert band_matrix(101, 12)[10, peak_band] > 0  # the band holding 10 Hz
+    per_patch = (out["pred_spectrum"] - out["target_spectrum"]).pow(2).mean(-1)
+    visible = out["valid"] & ~out["mask"]
+    manual = per_patch[out["mask"]].mean() + 0.5 * per_patch[visible].mean()
+    torch.testing.assert_close(out["mse_spectrum"], manual)
