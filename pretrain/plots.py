@@ -50,26 +50,54 @@ def plot_expert_load(load: np.ndarray, png: str | Path) -> None:
 def plot_reconstructions(
     batch: dict[str, Any], out: dict[str, Any], png: str | Path, n_channels: int = 4
 ) -> None:
-    """Target vs prediction of masked patches for the first sample, a few channels."""
+    """Target vs prediction of masked patches for the first sample, a few channels: the
+    samples (left) and, with a spectral target, the log amplitude spectrum of the first
+    masked patch of each channel (right) -- the part of a hidden patch that is predictable."""
     plt = _plt()
-    target = out["target"][0].float().cpu().numpy()  # [C, P, L]
-    pred = out["pred"][0].float().cpu().numpy()  # [C, P, L]
     mask = out["mask"][0].cpu().numpy()  # [C, P] True = masked
+    has_signal = "mse_signal" in out or "pred_spectrum" not in out
+    spectrum = "pred_spectrum" in out
     names = batch["ch_names"][0]
-    rows = min(n_channels, target.shape[0])
-    fig, axes = plt.subplots(rows, 1, figsize=(12, 1.8 * rows), squeeze=False)
+    rows = min(n_channels, mask.shape[0])
+    cols = int(has_signal) + int(spectrum)
+    widths = [3, 1][:cols] if cols == 2 else [1]
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(4 + 9 * has_signal + 3 * spectrum, 1.8 * rows),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
     for c in range(rows):
-        ax = axes[c, 0]
-        truth = target[c].reshape(-1)
-        guess = np.where(np.repeat(mask[c], target.shape[-1]), pred[c].reshape(-1), np.nan)
-        ax.plot(truth, color="k", lw=0.8, label="target")
-        ax.plot(guess, color="tab:red", lw=0.8, label="reconstruction (masked patches)")
-        for p in np.flatnonzero(mask[c]):
-            ax.axvspan(
-                p * target.shape[-1], (p + 1) * target.shape[-1], color="tab:red", alpha=0.07
-            )
-        ax.set_ylabel(names[c] if c < len(names) else str(c), fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="upper right")
+        label = names[c] if c < len(names) else str(c)
+        if has_signal:
+            ax = axes[c, 0]
+            target = out["target"][0, c].float().cpu().numpy()  # [P, L]
+            pred = out["pred"][0, c].float().cpu().numpy()
+            length = target.shape[-1]
+            guess = np.where(np.repeat(mask[c], length), pred.reshape(-1), np.nan)
+            ax.plot(target.reshape(-1), color="k", lw=0.8, label="target")
+            ax.plot(guess, color="tab:red", lw=0.8, label="reconstruction (masked patches)")
+            for p in np.flatnonzero(mask[c]):
+                ax.axvspan(p * length, (p + 1) * length, color="tab:red", alpha=0.07)
+            ax.set_ylabel(label, fontsize=8)
+        if spectrum:
+            ax = axes[c, cols - 1]
+            hidden = np.flatnonzero(mask[c])
+            if hidden.size:
+                p = int(hidden[0])
+                ax.plot(out["target_spectrum"][0, c, p].float().cpu().numpy(), color="k", lw=0.8)
+                ax.plot(
+                    out["pred_spectrum"][0, c, p].float().cpu().numpy(), color="tab:red", lw=0.8
+                )
+                ax.set_title(f"{label}, patch {p}: log amplitude", fontsize=7)
+            else:
+                ax.set_title(f"{label}: no masked patch", fontsize=7)
+            ax.tick_params(labelsize=7)
+            if c == rows - 1:
+                ax.set_xlabel("frequency bin (or band)", fontsize=7)
+    if has_signal:
+        axes[0, 0].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
