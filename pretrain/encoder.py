@@ -114,12 +114,17 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
-        """Unknown keys are an error: a silently ignored key would build another model."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(data) - known
-        if extra:
-            raise ValueError(f"unknown EncoderConfig keys: {sorted(extra)}")
-        return cls(**dict(data))
+        return strict_from_dict(cls, data)
+
+
+def strict_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """A config dataclass from a dict where unknown keys are an error: a silently ignored
+    key would build another model than the one asked for."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = set(data) - known
+    if extra:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(extra)}")
+    return cls(**dict(data))
 
 
 def dense_variant(config: EncoderConfig) -> EncoderConfig:

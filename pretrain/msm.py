@@ -39,7 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.encoder import Block, Encoder, EncoderConfig, EncoderInput, get_config
+from pretrain.encoder import (
+    Block,
+    Encoder,
+    EncoderConfig,
+    EncoderInput,
+    get_config,
+    strict_from_dict,
+)
 from pretrain.moe import SwiGLU, load_imbalance
 from pretrain.spectral import log_spectrum
 
@@ -107,11 +114,7 @@ class MSMConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MSMConfig:
         """``encoder`` may be a dict of fields or a registry name; unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(data) - known
-        if extra:
-            raise ValueError(f"unknown MSMConfig keys: {sorted(extra)}")
-        return cls(**dict(data))
+        return strict_from_dict(cls, data)
 
 
 # ---- masking -----------------------------------------------------------------------------

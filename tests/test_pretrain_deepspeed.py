@@ -36,6 +36,7 @@ CORPUS = "synthetic?subjects=8&runs=2&duration_s=120"
 PROBE = "synthetic?subjects=8&runs=1&duration_s=120&artifacts=false"
 STEPS = 300
 NAME, ALIAS = "brainmoe-tiny-ci", "ci"
+SCHEDULE = (f"train.steps={STEPS}", "train.log_every=10", f"train.ckpt_every={STEPS // 2}")
 
 
 def launch(run_dir: Path, corpus: Path, *overrides: str, gpus: int = 2, timeout: int = 900):
@@ -71,9 +72,7 @@ def zero2(corpus, tmp_path_factory) -> Path:
     result = launch(
         run_dir,
         corpus,
-        f"train.steps={STEPS}",
-        "train.log_every=10",
-        f"train.ckpt_every={STEPS // 2}",
+        *SCHEDULE,
         f"register.name={NAME}",
         f"register.alias={ALIAS}",
     )
@@ -209,9 +208,7 @@ def test_resume_retraces_the_uninterrupted_losses(zero2, corpus, tmp_path):
     result = launch(
         run_dir,
         corpus,
-        f"train.steps={STEPS}",
-        "train.log_every=10",
-        f"train.ckpt_every={STEPS // 2}",
+        *SCHEDULE,
         "train.resume=true",
         "train.plots=false",
     )
