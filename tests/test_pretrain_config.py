@@ -7,6 +7,7 @@ would have created it), and the message must name the key to fix.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,28 @@ def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path, capsys
     args = ["pretrain", "--config", TINY, f"data.shards=[{corpus}]", f"train.run_dir={run_dir}"]
     assert brainmoe(args) == 2
     assert "already holds checkpoints: pass train.resume=true" in capsys.readouterr().err
+
+
+def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
+    from cluster.cli import build_parser
+    from pretrain.cli import RUN_PY, launch_command
+
+    parser = build_parser()
+    one = parser.parse_args(["pretrain", "--num-gpus", "8", "--master-port", "29500", "a=1"])
+    cmd = launch_command(one)
+    assert Path(cmd[0]).name == "deepspeed"
+    assert cmd[1:] == ["--num_gpus", "8", "--master_port", "29500", str(RUN_PY), "a=1"]
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node1 slots=8\nnode2 slots=8\n")
+    multi = parser.parse_args(
+        ["pretrain", "--hostfile", str(hosts), "--num-nodes", "2", "--num-gpus", "8"]
+        + ["--config", TINY, "--master-port", "29500"]
+    )
+    cmd = launch_command(multi)
+    assert cmd[1:5] == ["--hostfile", str(hosts), "--num_nodes", "2"]
+    assert cmd[-3:] == [str(RUN_PY), "--config", TINY]
+
+
+def test_multi_node_needs_a_hostfile(capsys):
+    assert brainmoe(["pretrain", "--num-nodes", "2", "--config", TINY]) == 2
+    assert "--num-nodes > 1 needs --hostfile" in capsys.readouterr().err
