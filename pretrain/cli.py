@@ -61,6 +61,12 @@ def add_parsers(subparsers) -> None:
     probe.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (or env)")
     probe.add_argument("--max-windows", type=int, default=2000)
     probe.add_argument("--seed", type=int, default=0, help="seed of the random-init twin")
+    probe.add_argument(
+        "--pooling",
+        choices=("mean", "regions"),
+        default="mean",
+        help="mean of all tokens, or per 10-20 region (keeps left/right; see pretrain.probe)",
+    )
     probe.add_argument("--json", help="also write the result to this JSON file")
     probe.set_defaults(func=_probe)
 
@@ -158,7 +164,13 @@ def _probe(args: argparse.Namespace) -> int:
             args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), tmp
         )
         encoder = Encoder.from_pretrained(folder)
-        result = probe(encoder, args.source, seed=args.seed, max_windows=args.max_windows)
+        result = probe(
+            encoder,
+            args.source,
+            seed=args.seed,
+            max_windows=args.max_windows,
+            pooling=args.pooling,
+        )
     result["model"] = args.model
     print(format_result(result))
     if args.json:

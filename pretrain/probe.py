@@ -4,6 +4,13 @@ Freezes the encoder, pools its tokens per window, and fits a logistic regression
 labelled source, cross-validated across subjects (or runs) so a probe cannot win by
 recognising the person. The same is done for a randomly initialised encoder of the same
 config, and chance is printed beside both: the gap is the pretraining's worth.
+
+Two poolings. ``mean`` averages every valid token (the usual foundation-model probe).
+``regions`` keeps coarse space: tokens are averaged over time per channel, channels are
+assigned to the nearest of the 19 10-20 sites by 3D position (any montage maps onto the
+same grid; channels without a position only enter a global mean), and the 20 vectors are
+concatenated. Much of what EEG labels mean is lateralised (left vs right motor imagery
+moves mu/beta power between C3 and C4), which a global mean cannot see.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from pretrain.encoder import Encoder
 from shards.preprocess import PreprocessConfig, preprocess
@@ -65,9 +73,47 @@ def load_labelled(
     return data
 
 
+POOLINGS = ("mean", "regions")
+REGION_SITES = (
+    "Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "T7", "C3", "Cz",
+    "C4", "T8", "P7", "P3", "Pz", "P4", "P8", "O1", "O2",
+)  # fmt: skip
+
+
+def region_of(positions: np.ndarray) -> np.ndarray:
+    """`[C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel `[C]`,
+    -1 where the position is unknown."""
+    from shards.channels import standard_positions
+
+    std = standard_positions()
+    sites = np.stack([std[name] for name in REGION_SITES])  # [R, 3]
+    known = np.isfinite(positions).all(axis=1)
+    dist = np.linalg.norm(np.nan_to_num(positions)[:, None] - sites[None], axis=-1)  # [C, R]
+    return np.where(known, dist.argmin(axis=1), -1)
+
+
+def region_pool(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
+    """One sample's tokens `[C, P, D]` -> `[(R + 1) * D]`: per-site means of the time-pooled
+    channels (zeros for a site no channel is near), then the mean of every channel."""
+    w = valid[..., None].to(grid.dtype)  # [C, P, 1]
+    per_channel = (grid * w).sum(1) / w.sum(1).clamp_min(1.0)  # [C, D]
+    has = valid.any(1)  # [C]
+    out = grid.new_zeros(len(REGION_SITES) + 1, grid.shape[-1])
+    for r in range(len(REGION_SITES)):
+        members = torch.from_numpy(regions == r) & has
+        if members.any():
+            out[r] = per_channel[members].mean(0)
+    out[-1] = per_channel[has].mean(0) if has.any() else 0.0
+    return out.reshape(-1)
+
+
 @torch.no_grad()
-def features(encoder: Encoder, data: ProbeData, batch_size: int = 32) -> np.ndarray:
-    """Pooled encoder features `[N, D]` (mean over valid tokens)."""
+def features(
+    encoder: Encoder, data: ProbeData, batch_size: int = 32, pooling: str = "mean"
+) -> np.ndarray:
+    """Pooled encoder features: `[N, D]` (``mean``) or `[N, 20 * D]` (``regions``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     from shards.reader import collate_eeg
 
     encoder.eval()
@@ -92,7 +138,16 @@ def features(encoder: Encoder, data: ProbeData, batch_size: int = 32) -> np.ndar
                 }
             )
         batch = collate_eeg(samples)
-        out.append(Encoder.pool(encoder(batch)).float().numpy())
+        enc = encoder(batch)
+        if pooling == "mean":
+            out.append(Encoder.pool(enc).float().numpy())
+            continue
+        grid = enc.grid().float()  # [B, C, P, D]
+        valid = enc.valid.view(grid.shape[:3])
+        for j, i in enumerate(range(start, start + grid.shape[0])):
+            c = len(data.ch_names[i])
+            pooled = region_pool(grid[j, :c], valid[j, :c], region_of(data.ch_pos[i]))
+            out.append(pooled[None].numpy())
     return np.concatenate(out)
 
 
@@ -125,8 +180,11 @@ def probe(
     seed: int = 0,
     max_windows: int | None = 2000,
     preprocess_cfg: PreprocessConfig | None = None,
+    pooling: str = "mean",
 ) -> dict[str, Any]:
     """Balanced accuracy of the encoder, a random-init twin, and chance, on `spec`."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     data = load_labelled(spec, preprocess_cfg, max_windows)
     torch.manual_seed(seed)
     random_twin = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
@@ -136,16 +194,22 @@ def probe(
         "windows": len(data.labels),
         "classes": len(classes),
         "groups": len(set(data.groups)),
-        "pretrained": balanced_accuracy_cv(features(encoder, data), data.labels, data.groups),
-        "random_init": balanced_accuracy_cv(features(random_twin, data), data.labels, data.groups),
+        "pooling": pooling,
+        "pretrained": balanced_accuracy_cv(
+            features(encoder, data, pooling=pooling), data.labels, data.groups
+        ),
+        "random_init": balanced_accuracy_cv(
+            features(random_twin, data, pooling=pooling), data.labels, data.groups
+        ),
         "chance": 1.0 / len(classes),
     }
 
 
 def format_result(result: dict[str, Any]) -> str:
     return (
-        f"linear probe on {result['source']} ({result['windows']} windows, {result['classes']} "
-        f"classes, cross-validated over {result['groups']} subjects/sessions)\n"
+        f"linear probe ({result.get('pooling', 'mean')} pooling) on {result['source']} "
+        f"({result['windows']} windows, {result['classes']} classes, cross-validated over "
+        f"{result['groups']} subjects/sessions)\n"
         f"  balanced accuracy  pretrained {result['pretrained']:.3f}   "
         f"random-init {result['random_init']:.3f}   chance {result['chance']:.3f}"
     )

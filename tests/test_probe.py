@@ -1,0 +1,55 @@
+"""The probe's pooling: any montage maps onto the same 10-20 grid, left stays left."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.encoder import Encoder, get_config
+from pretrain.probe import REGION_SITES, ProbeData, features, region_of, region_pool
+from shards.channels import standard_positions
+
+
+def test_channels_map_to_their_nearest_10_20_site():
+    std = standard_positions()
+    names = ["C3", "C4", "CP3", "FC4", "Oz", "O1"]
+    pos = np.stack([std[n] for n in names] + [np.full(3, np.nan)])  # last: position unknown
+    regions = [REGION_SITES[r] if r >= 0 else None for r in region_of(pos)]
+    assert regions[:2] == ["C3", "C4"]
+    assert regions[2] in ("C3", "P3") and regions[3] in ("C4", "F4")  # left stays left
+    assert regions[5] == "O1" and regions[6] is None
+
+
+def test_region_pool_ignores_channel_order_and_padding():
+    torch.manual_seed(0)
+    grid = torch.randn(4, 3, 8)  # [C, P, D]
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    valid[3] = False  # a padded channel
+    regions = np.array([8, 10, 8, 0])  # C3, C4, C3, Fp1 (padded)
+    pooled = region_pool(grid, valid, regions).view(len(REGION_SITES) + 1, 8)
+    torch.testing.assert_close(pooled[8], grid[[0, 2]].mean((0, 1)))
+    torch.testing.assert_close(pooled[10], grid[1].mean(0))
+    assert pooled[0].abs().sum() == 0  # the padded channel's site stays empty
+    torch.testing.assert_close(pooled[-1], grid[:3].mean((0, 1)))
+    perm = [2, 1, 0, 3]
+    again = region_pool(grid[perm], valid[perm], regions[perm])
+    torch.testing.assert_close(again, pooled.reshape(-1))
+
+
+def test_features_for_both_poolings():
+    std = standard_positions()
+    rng = np.random.default_rng(0)
+    montages = [["C3", "C4", "Cz"], ["Fp1", "C3", "C4", "O2", "Pz"]]
+    data = ProbeData(
+        eeg=[rng.normal(0, 20, (len(m), 800)).astype(np.float32) for m in montages],
+        ch_names=montages,
+        ch_pos=[np.stack([std[n] for n in m]) for m in montages],
+        labels=np.array(["a", "b"]),
+        groups=np.array(["1", "2"]),
+    )
+    encoder = Encoder(get_config("tiny"))
+    assert features(encoder, data, pooling="mean").shape == (2, 64)
+    assert features(encoder, data, pooling="regions").shape == (2, 20 * 64)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        features(encoder, data, pooling="max")
