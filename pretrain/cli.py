@@ -160,9 +160,7 @@ def _probe(args: argparse.Namespace) -> int:
     from pretrain.tracking import resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = resolve_model(
-            args.model, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), tmp
-        )
+        folder = resolve_model(args.model, args.tracking_uri, tmp)  # None: $MLFLOW_TRACKING_URI
         encoder = Encoder.from_pretrained(folder)
         result = probe(
             encoder,

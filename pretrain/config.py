@@ -67,3 +67,8 @@ class PretrainConfig:
     @property
     def run_path(self) -> Path:
         return Path(self.train.run_dir)
+
+    @property
+    def ckpt_path(self) -> Path:
+        """Where DeepSpeed checkpoints go (one `step*` folder each, plus `latest`)."""
+        return self.run_path / "checkpoints"

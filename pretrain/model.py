@@ -67,8 +67,7 @@ def validate_config(cfg, world_size: int | None) -> None:
                 f"dist.global_batch={cfg.dist.global_batch} but micro_batch x grad_accum x world size "
                 f"= {cfg.dist.micro_batch} x {cfg.dist.grad_accum} x {world_size} = {expected}"
             )
-    ckpts = Path(cfg.train.run_dir) / "checkpoints"
-    if not train.resume and ckpts.is_dir() and any(ckpts.glob("step*")):
+    if not train.resume and cfg.ckpt_path.is_dir() and any(cfg.ckpt_path.glob("step*")):
         raise ValueError(
             f"{cfg.train.run_dir} already holds checkpoints: pass train.resume=true to continue "
             "that run, or choose a new train.run_dir"

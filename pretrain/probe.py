@@ -15,6 +15,7 @@ moves mu/beta power between C3 and C4), which a global mean cannot see.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +81,18 @@ REGION_SITES = (
 )  # fmt: skip
 
 
-def region_of(positions: np.ndarray) -> np.ndarray:
-    """`[C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel `[C]`,
-    -1 where the position is unknown."""
+@functools.cache
+def _site_positions() -> np.ndarray:
     from shards.channels import standard_positions
 
     std = standard_positions()
-    sites = np.stack([std[name] for name in REGION_SITES])  # [R, 3]
+    return np.stack([std[name] for name in REGION_SITES])  # [R, 3]
+
+
+def region_of(positions: np.ndarray) -> np.ndarray:
+    """`[C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel `[C]`,
+    -1 where the position is unknown."""
+    sites = _site_positions()
     known = np.isfinite(positions).all(axis=1)
     dist = np.linalg.norm(np.nan_to_num(positions)[:, None] - sites[None], axis=-1)  # [C, R]
     return np.where(known, dist.argmin(axis=1), -1)

@@ -30,6 +30,23 @@ def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+def tracking_uri(config: TrackingConfig, run_dir: str | Path) -> str:
+    """The store a run logs to: the configured URI, else sqlite in the run folder."""
+    return config.tracking_uri or default_uri(run_dir)
+
+
+def run_in_store(run_id: str) -> bool:
+    """Whether the current tracking store knows `run_id` (a run folder may have moved, or
+    the URI changed, since the id was written down)."""
+    import mlflow
+
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
 def git_commit() -> str:
     """The commit the code runs from (with '-dirty' if modified), or 'unknown'."""
     root = Path(__file__).resolve().parents[1]
@@ -67,7 +84,7 @@ class Tracker:
 
         self.mlflow = mlflow
         run_dir = Path(run_dir)
-        uri = config.tracking_uri or default_uri(run_dir)
+        uri = tracking_uri(config, run_dir)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         if mlflow.get_experiment_by_name(config.experiment) is None:
@@ -80,16 +97,13 @@ class Tracker:
         # unless that run is not in this store (run folder moved, tracking URI changed): then
         # a new run, pointing at the old id, rather than a crash after the checkpoint loaded.
         tags = None
-        if run_id is not None:
-            try:
-                mlflow.get_run(run_id)
-            except mlflow.exceptions.MlflowException:
-                warnings.warn(
-                    f"MLflow run {run_id} of the checkpoint is not in {uri}; logging the resumed "
-                    "training to a new run",
-                    stacklevel=2,
-                )
-                tags, run_id = {"resumed_from_run_id": run_id}, None
+        if run_id is not None and not run_in_store(run_id):
+            warnings.warn(
+                f"MLflow run {run_id} of the checkpoint is not in {uri}; logging the resumed "
+                "training to a new run",
+                stacklevel=2,
+            )
+            tags, run_id = {"resumed_from_run_id": run_id}, None
         run = mlflow.start_run(run_id=run_id, run_name=config.run_name, tags=tags)
         self.run_id = run.info.run_id
 
@@ -158,11 +172,9 @@ def register_folder(
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     active = mlflow.active_run()
-    if run_id is not None and (active is None or active.info.run_id != run_id):
-        try:
-            client.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            run_id = None  # the training run lives in another store: log to a new run here
+    running_elsewhere = active is None or active.info.run_id != run_id
+    if run_id is not None and running_elsewhere and not run_in_store(run_id):
+        run_id = None  # the training run lives in another store: log to a new run here
     if active is not None and run_id in (None, active.info.run_id):
         ctx = contextlib.nullcontext()  # called from inside a training run: log there
     else:

@@ -24,11 +24,9 @@ import torch.distributed as dist
 from pretrain.config import PretrainConfig
 from pretrain.ds_config import deepspeed_config
 from pretrain.model import build_model, encoder_config, validate_config
-from pretrain.tracking import Tracker, default_uri, git_commit
+from pretrain.tracking import Tracker, git_commit, tracking_uri
 from shards.config import flatten, to_dict, to_yaml
 from shards.reader import ReaderConfig, make_loader
-
-CHECKPOINTS = "checkpoints"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,11 +74,9 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         validate_config(cfg, self.world)
         self.run_dir = cfg.run_path
-        self.ckpt_dir = self.run_dir / CHECKPOINTS
+        self.ckpt_dir = cfg.ckpt_path
         self.tracking_uri = (
-            (cfg.tracking.tracking_uri or default_uri(self.run_dir))
-            if cfg.tracking.enabled
-            else None
+            tracking_uri(cfg.tracking, self.run_dir) if cfg.tracking.enabled else None
         )
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
