@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.cli import add_parsers as add_pretrain
 
     add_pretrain(sub)
+    from finetune.cli import add_parsers as add_finetune
+
+    add_finetune(sub)
     return parser
 
 

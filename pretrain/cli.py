@@ -25,12 +25,7 @@ def add_parsers(subparsers) -> None:
         description="Checks the config, then runs `deepspeed pretrain/run.py` on this node "
         "(or on every node of --hostfile).",
     )
-    pre.add_argument("--config", help="YAML run config (configs/pretrain/*.yaml)")
-    pre.add_argument("--num-gpus", type=int, default=1, help="processes per node (default 1)")
-    pre.add_argument("--num-nodes", type=int, default=1, help="nodes (with --hostfile)")
-    pre.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
-    pre.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
-    pre.add_argument("overrides", nargs="*", metavar="key=value")
+    add_launch_arguments(pre, "configs/pretrain/*.yaml")
     pre.set_defaults(func=_pretrain)
 
     exp = subparsers.add_parser(
@@ -77,13 +72,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(args: argparse.Namespace) -> list[str]:
+def add_launch_arguments(parser: argparse.ArgumentParser, configs: str) -> None:
+    """The arguments of every command that launches `deepspeed <layer>/run.py`."""
+    parser.add_argument("--config", help=f"YAML run config ({configs})")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per node (default 1)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes (with --hostfile)")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
+    parser.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def check_launch_arguments(args: argparse.Namespace) -> int:
+    """-> world size."""
+    if args.num_gpus < 1 or args.num_nodes < 1:
+        raise ValueError("--num-gpus and --num-nodes must be at least 1")
+    if args.num_nodes > 1 and not args.hostfile:
+        raise ValueError("--num-nodes > 1 needs --hostfile listing the nodes")
+    return args.num_gpus * args.num_nodes
+
+
+def launch_command(args: argparse.Namespace, run_py: Path = RUN_PY) -> list[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher) if launcher.exists() else "deepspeed"]
     if args.hostfile:
         cmd += ["--hostfile", args.hostfile, "--num_nodes", str(args.num_nodes)]
     cmd += ["--num_gpus", str(args.num_gpus), "--master_port", str(args.master_port or free_port())]
-    cmd += [str(RUN_PY)]
+    cmd += [str(run_py)]
     if args.config:
         cmd += ["--config", args.config]
     return cmd + list(args.overrides)
@@ -94,12 +108,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     from pretrain.model import validate_config
     from shards.config import load_config
 
-    if args.num_gpus < 1 or args.num_nodes < 1:
-        raise ValueError("--num-gpus and --num-nodes must be at least 1")
-    if args.num_nodes > 1 and not args.hostfile:
-        raise ValueError("--num-nodes > 1 needs --hostfile listing the nodes")
+    world = check_launch_arguments(args)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    validate_config(cfg, world_size=args.num_gpus * args.num_nodes)
+    validate_config(cfg, world_size=world)
+    return launch(args, RUN_PY)
+
+
+def launch(args: argparse.Namespace, run_py: Path) -> int:
+    """Hand over to the deepspeed launcher, in this environment (CPU: DeepSpeed's gloo)."""
     env = dict(os.environ)
     # the launcher starts `python`s of its own: make them this environment's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -108,7 +124,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"  # gloo on CPU: laptops, CI
-    cmd = launch_command(args)
+    cmd = launch_command(args, run_py)
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, env=env).returncode
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pretrain.ds_config import DistConfig, OptimConfig
 from pretrain.tracking import TrackingConfig
+from shards.manifest import load_manifest
 from shards.reader import ReaderConfig
 
 
@@ -72,3 +73,49 @@ class PretrainConfig:
     def ckpt_path(self) -> Path:
         """Where DeepSpeed checkpoints go (one `step*` folder each, plus `latest`)."""
         return self.run_path / "checkpoints"
+
+
+def validate_run(cfg, world_size: int | None) -> None:
+    """The checks every training run shares (pretraining and finetuning configs have the same
+    data.reader/dist/optim/train/tracking/register parts), before any process spawns."""
+    cfg.dist.validate(world_size)
+    cfg.data.reader.validate()
+    train = cfg.train
+    for name in ("steps", "log_every", "ckpt_every", "keep_checkpoints", "max_nan_streak"):
+        if getattr(train, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(train, name)}")
+    if cfg.optim.warmup_steps >= train.steps:
+        raise ValueError(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below train.steps ({train.steps})"
+        )
+    if cfg.data.reader.batch_size != cfg.dist.micro_batch:
+        raise ValueError(
+            f"data.reader.batch_size ({cfg.data.reader.batch_size}) differs from dist.micro_batch "
+            f"({cfg.dist.micro_batch}): the micro-batch is the reader's batch per rank; set both equal"
+        )
+    if cfg.dist.global_batch is not None and world_size is not None:
+        expected = cfg.dist.micro_batch * cfg.dist.grad_accum * world_size
+        if cfg.dist.global_batch != expected:
+            raise ValueError(
+                f"dist.global_batch={cfg.dist.global_batch} but micro_batch x grad_accum x world size "
+                f"= {cfg.dist.micro_batch} x {cfg.dist.grad_accum} x {world_size} = {expected}"
+            )
+    if not train.resume and cfg.ckpt_path.is_dir() and any(cfg.ckpt_path.glob("step*")):
+        raise ValueError(
+            f"{cfg.train.run_dir} already holds checkpoints: pass train.resume=true to continue "
+            "that run, or choose a new train.run_dir"
+        )
+    if cfg.register.name and not cfg.tracking.enabled:
+        raise ValueError(
+            f"register.name={cfg.register.name!r} needs MLflow: set tracking.enabled=true "
+            "(or register later with brainmoe register)"
+        )
+    if not cfg.data.shards:
+        raise ValueError(
+            "data.shards is empty: give the build folder(s), e.g. data.shards=[corpus/]"
+        )
+    for folder in cfg.data.shards:
+        if not Path(folder).is_dir():
+            raise ValueError(f"data.shards: {folder} is not a folder")
+        if load_manifest(folder)["totals"]["samples"] == 0:
+            raise ValueError(f"{folder} holds no samples")

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from pretrain.trainer import main_worker
+    from pretrain.msm_trainer import main_worker
 
     return main_worker(cfg)
 

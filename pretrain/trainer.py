@@ -1,10 +1,12 @@
-"""The pretraining loop under DeepSpeed: the one place distributed training code lives.
+"""The training loop under DeepSpeed: the one place distributed training code lives.
 
-torchtitan-style: `run.py` is thin, the model is plain PyTorch, and everything about
-engines, ranks, checkpoints and logging is here. Exact resume is a first-class feature:
-a checkpoint holds model, optimizer, scheduler, the TrainState (step, data position,
-NaN counters) and every rank's RNG state, and masking draws from a generator seeded by
-(seed, step, micro-step, rank) -- so a resumed run reproduces the uninterrupted loss curve.
+torchtitan-style: entry points are thin, models are plain PyTorch, and everything about
+engines, ranks, checkpoints and logging is here, shared by pretraining (`MSMTrainer`) and
+finetuning: a subclass only says which model to build, how a micro-batch becomes a loss dict,
+and what to do at the end. Exact resume is a first-class feature: a checkpoint holds model,
+optimizer, scheduler, the TrainState (step, data position, NaN counters) and every rank's
+RNG state, and in-model randomness draws from a generator seeded by (seed, step, micro-step,
+rank) -- so a resumed run reproduces the uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.config import PretrainConfig
 from pretrain.ds_config import deepspeed_config
-from pretrain.model import build_model, encoder_config, validate_config
 from pretrain.tracking import Tracker, git_commit, tracking_uri
 from shards.config import flatten, to_dict, to_yaml
 from shards.reader import ReaderConfig, make_loader
@@ -65,14 +65,49 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig):
+    """The loop; subclasses fill in the hooks below the loop (build_model ... finish).
+
+    ``cfg`` has the parts every run config shares: data (shards, reader), optim, dist, train,
+    tracking, register, and ``run_path`` / ``ckpt_path``."""
+
+    # ---- hooks --------------------------------------------------------------------------
+    def validate(self, world: int) -> None:
+        """Raise ValueError for a config that cannot run with `world` ranks."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_loader(self, reader: ReaderConfig):
+        return make_loader(self.cfg.data.shards, reader, rank=self.rank, world_size=self.world)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """One micro-batch -> dict with ``loss`` (backpropagated), ``metrics`` (named scalars
+        averaged over a log window, e.g. ``loss``, ``aux_loss``) and ``tokens`` (valid tokens,
+        for tokens/s)."""
+        raise NotImplementedError
+
+    def after_step(self) -> torch.Tensor | None:
+        """After each optimizer step (every rank). Returns expert load `[L, E]` summed over
+        ranks for the log, or None."""
+        return None
+
+    def checkpoint_extras(self, folder: Path) -> None:
+        """Rank 0 writes what a checkpoint folder needs besides DeepSpeed's files."""
+
+    def finish(self, tracker: Tracker) -> dict[str, Any]:
+        """After the last step: plots, exports, registration (every rank enters)."""
+        return {"step": self.state.step, "run_dir": str(self.run_dir)}
+
+    # ---- set-up -------------------------------------------------------------------------
+    def __init__(self, cfg: Any):
         import deepspeed
 
         self.cfg = cfg
         backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
         deepspeed.init_distributed(dist_backend=backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        validate_config(cfg, self.world)
+        self.validate(self.world)
         self.run_dir = cfg.run_path
         self.ckpt_dir = cfg.ckpt_path
         self.tracking_uri = (
@@ -86,7 +121,7 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg)
+        self.model = self.build_model()
         self.ds_config = deepspeed_config(cfg.dist, cfg.optim, cfg.train.steps)
         if self.rank == 0:
             (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1))
@@ -98,7 +133,7 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
 
         reader = ReaderConfig(**{**asdict(cfg.data.reader), "batch_size": cfg.dist.micro_batch})
-        self.loader = make_loader(cfg.data.shards, reader, rank=self.rank, world_size=self.world)
+        self.loader = self.make_loader(reader)
         self.state = TrainState()
         self.history: list[dict[str, float]] = []
 
@@ -139,10 +174,7 @@ class Trainer:
         )
         torch.save(rng_state(), self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
-            enc = encoder_config(self.cfg)
-            (self.ckpt_dir / tag / "encoder_config.json").write_text(
-                json.dumps(asdict(enc), indent=1)
-            )
+            self.checkpoint_extras(self.ckpt_dir / tag)
             (self.ckpt_dir / tag / "lineage.json").write_text(json.dumps(self.lineage(), indent=1))
             tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
             for old in tags[: -self.cfg.train.keep_checkpoints]:
@@ -211,8 +243,8 @@ class Trainer:
         tracker.log_dict(self.ds_config, "deepspeed.json")
 
         batches = self._batches()
-        model = self.engine.module
-        window: dict[str, float] = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "samples": 0}
+        window: dict[str, float] = {}  # sums over the log window's micro-batches
+        counts = {"n": 0, "tokens": 0, "samples": 0}
         window_load = None  # routed tokens per layer and expert over the log window
         started = time.perf_counter()
         accum = cfg.dist.grad_accum
@@ -220,8 +252,8 @@ class Trainer:
         try:
             while self.state.step < cfg.train.steps:
                 batch = self._to_device(next(batches))
-                out = self.engine(batch, generator=self._mask_generator(micro))
-                loss = out["loss"]  # mse + aux_loss
+                out = self.forward(batch, self._mask_generator(micro))
+                loss = out["loss"]
                 finite = torch.tensor([float(torch.isfinite(loss).item())])
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() < 1:
@@ -241,27 +273,23 @@ class Trainer:
                 self.state.nan_streak = 0
                 self.engine.backward(loss)
                 self.engine.step()
-                window["loss"] += out["mse"].item()
-                window["aux"] += out["aux_loss"].item()
-                window["n"] += 1
-                window["tokens"] += int(out["valid"].sum())
-                window["samples"] += int(batch["eeg"].shape[0])
+                for name, value in out["metrics"].items():
+                    window[name] = window.get(name, 0.0) + float(value)
+                counts["n"] += 1
+                counts["tokens"] += int(out.get("tokens", 0))
+                counts["samples"] += int(batch["eeg"].shape[0])
                 micro += 1
                 if micro < accum:
                     continue
                 micro = 0
                 self.state.step += 1
-                # aux-loss-free balancing: every rank applies the same all-reduced load
-                load = model.encoder.routing_counts().to(torch.float64)
-                if load.numel():
-                    dist.all_reduce(load)
-                    model.encoder.update_router_bias(load)
-                window_load = load if window_load is None else window_load + load
+                load = self.after_step()
+                if load is not None:
+                    window_load = load if window_load is None else window_load + load
                 if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.steps:
-                    self._log(window, window_load, started, tracker)
-                    window_load = None
-                    window = dict.fromkeys(window, 0)
-                    window["loss"] = window["aux"] = 0.0
+                    self._log(window, counts, window_load, started, tracker)
+                    window, window_load = {}, None
+                    counts = dict.fromkeys(counts, 0)
                     started = time.perf_counter()
                 if (
                     self.state.step % cfg.train.ckpt_every == 0
@@ -272,30 +300,37 @@ class Trainer:
             tracker.finish("FAILED")
             raise
         result = self.finish(tracker)
+        dist.barrier()
+        tracker.finish()
         return result
 
     def _log(
-        self, window: dict[str, float], load: torch.Tensor, started: float, tracker: Tracker
+        self,
+        window: dict[str, float],
+        counts: dict[str, int],
+        load: torch.Tensor | None,
+        started: float,
+        tracker: Tracker,
     ) -> None:
+        names = sorted(window)
         stats = torch.tensor(
-            [window["loss"], window["aux"], window["n"], window["tokens"], window["samples"]],
+            [window[k] for k in names] + [counts["n"], counts["tokens"], counts["samples"]],
             dtype=torch.float64,
         )
         dist.all_reduce(stats)
-        loss, aux, n, tokens, samples = stats.tolist()
+        *sums, n, tokens, samples = stats.tolist()
         elapsed = max(time.perf_counter() - started, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics = {
-            "loss": loss / max(n, 1),
-            "aux_loss": aux / max(n, 1),
-            "grad_norm": grad_norm,
-            "lr": float(self.engine.get_lr()[0]),
-            "samples_per_s": samples / elapsed,
-            "tokens_per_s": tokens / elapsed,
-            "nan_skipped": self.state.nan_skipped,
-        }
-        if load.numel() and load.shape[-1] > 1:
+        metrics = {name: total / max(n, 1) for name, total in zip(names, sums, strict=True)}
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=float(self.engine.get_lr()[0]),
+            samples_per_s=samples / elapsed,
+            tokens_per_s=tokens / elapsed,
+            nan_skipped=self.state.nan_skipped,
+        )
+        if load is not None and load.numel() and load.shape[-1] > 1:
             per_layer = load / load.sum(dim=-1, keepdim=True).clamp_min(1)  # [L, E]
             ratio = load.max(dim=-1).values / load.min(dim=-1).values.clamp_min(1)  # [L]
             metrics["expert_load_max_min"] = float(ratio.max())
@@ -309,78 +344,24 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             tracker.log_metrics(metrics, self.state.step)
+            losses = "  ".join(
+                f"{k} {metrics[k]:.4f}" for k in names if k == "loss" or k.endswith("_loss")
+            )
             extra = (
                 f" expert max/min {metrics['expert_load_max_min']:.2f}"
                 if "expert_load_max_min" in metrics
                 else ""
             )
             log(
-                f"step {self.state.step:6d}  loss {metrics['loss']:.4f}  grad {grad_norm:.3f}  "
+                f"step {self.state.step:6d}  {losses}  grad {grad_norm:.3f}  "
                 f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  "
                 f"{metrics['tokens_per_s']:.0f} tokens/s{extra}"
             )
 
-    def finish(self, tracker: Tracker) -> dict[str, Any]:
-        """Reference outputs for the export check, plots, and (optionally) registration."""
-        from pretrain.plots import plot_expert_load, plot_loss, plot_reconstructions
 
-        probe = make_loader(
-            self.cfg.data.shards,
-            ReaderConfig(batch_size=4, num_workers=0, shuffle=False),
-            rank=0,
-            world_size=1,
-        )
-        batch = self._to_device(next(iter(probe)))
-        self.engine.eval()
-        with torch.no_grad():
-            tokens = self.engine.module.encoder(batch).tokens
-            recon = self.engine.module(batch, generator=torch.Generator().manual_seed(0))
-        self.engine.train()
-        result = {"step": self.state.step, "run_dir": str(self.run_dir)}
-        if self.rank == 0:
-            torch.save(
-                {
-                    "batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
-                    "tokens": tokens[0].float().cpu()
-                    if isinstance(tokens, tuple)
-                    else tokens.float().cpu(),
-                },
-                self.run_dir / "reference_output.pt",
-            )
-            if self.cfg.train.plots:
-                plots = self.run_dir / "plots"
-                plots.mkdir(exist_ok=True)
-                plot_loss(self.history, plots / "loss.png")
-                if getattr(self, "last_load", None) is not None:
-                    plot_expert_load(self.last_load.cpu().numpy(), plots / "expert_load.png")
-                plot_reconstructions(batch, recon, plots / "reconstructions.png")
-                tracker.log_artifact(plots, "plots")
-            tracker.log_artifact(self.run_dir / "config.yaml")
-            if self.cfg.register.name:
-                result["registered"] = self.export_and_register(tracker)
-        dist.barrier()
-        tracker.finish()
-        return result
-
-    def export_and_register(self, tracker: Tracker) -> dict[str, Any]:
-        from pretrain.export import export_checkpoint, register_export
-
-        out = self.run_dir / "encoder"
-        export_checkpoint(self.ckpt_dir, out)
-        uri = self.tracking_uri
-        info = register_export(
-            out,
-            self.cfg.register.name,
-            self.cfg.register.alias,
-            uri,
-            experiment=self.cfg.tracking.experiment,
-        )
-        log(f"registered {info['name']} version {info['version']} as @{info['alias']}")
-        return info
-
-
-def main_worker(cfg: PretrainConfig) -> int:
-    trainer = Trainer(cfg)
+def run_worker(trainer_cls: type[Trainer], cfg: Any) -> int:
+    """Entry for every rank: train, and turn a diverged run into exit status 3."""
+    trainer = trainer_cls(cfg)
     try:
         trainer.train()
     except NonFiniteLossError as err:

@@ -46,7 +46,7 @@ import multiprocessing
 import os
 import random
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,11 +502,14 @@ def build_pipeline(
     rank: int | None = None,
     world_size: int | None = None,
     epoch: SharedEpoch | int = 0,
+    select: Callable[[dict[str, Any]], bool] | None = None,
 ) -> EEGPipeline:
     """The reader as a list of stages; yields collated batches (dicts, see collate_eeg).
 
     rank/world_size default to torch.distributed when initialised, else 0/1. Pass a
     SharedEpoch to drive the epoch from outside, or an int to start a new one here.
+    ``select`` keeps only the decoded samples it returns True for (e.g. one split of a
+    finetuning set); it runs in the DataLoader workers, so it must pickle.
     """
     cfg = cfg or ReaderConfig()
     cfg.validate()
@@ -539,6 +542,7 @@ def build_pipeline(
         if shuffle_samples
         else None,
         DecodeSamples(),  # -> arrays; bad samples skipped
+        wds.select(select) if select is not None else None,
         wds.batched(cfg.batch_size, collation_fn=collate_eeg, partial=cfg.partial),
     ]
     pipeline = EEGPipeline(*stages)
@@ -590,6 +594,7 @@ def make_loader(
     rank: int | None = None,
     world_size: int | None = None,
     epoch: int = 0,
+    select: Callable[[dict[str, Any]], bool] | None = None,
 ) -> EEGLoader:
     """The reader for one rank, ready for a training loop.
 
@@ -600,7 +605,9 @@ def make_loader(
     cfg = cfg or ReaderConfig()
     cfg.validate()
     rank, world_size = _dist_rank_world(rank, world_size)
-    pipeline = build_pipeline(source, cfg, rank=rank, world_size=world_size, epoch=epoch)
+    pipeline = build_pipeline(
+        source, cfg, rank=rank, world_size=world_size, epoch=epoch, select=select
+    )
     total = cfg.samples_per_epoch or pipeline.shards.num_samples
     num_batches = None
     if total is not None:
