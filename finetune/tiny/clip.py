@@ -10,6 +10,12 @@ Writing exactly that layout lets tests and the demo run the same
 Size: the text tower must keep CLIP's 49408-token vocabulary (the SimpleTokenizer emits those
 ids), so its width is what sets the parameter count: width 16 gives ~0.8 M parameters in all,
 ~0.79 M of them the token embedding.
+
+Random weights put every image in one narrow cone (pairwise cosine ~0.997: the embedding is
+mostly the class token's constant), which no EEG->CLIP model can be trained against and no
+real CLIP does. ``fit_steps`` therefore gives the tiny model a few seconds of CLIP's own
+contrastive training on the synthetic source's rendered stimuli and captions, so its space is
+semantic for that world the way a released CLIP's is for photographs.
 """
 
 from __future__ import annotations
@@ -60,8 +66,48 @@ def tiny_clip_config(image_size: int = 32, embed_dim: int = 32, context_length: 
     }
 
 
+def fit_synthetic(model: open_clip.CLIP, config: dict, steps: int, seed: int = 0) -> None:
+    """CLIP's symmetric InfoNCE on rendered synthetic stimuli (8 classes x 10 instances) and
+    their captions, in place: a tiny stand-in for a released checkpoint's pretraining."""
+    import random
+
+    import torch.nn.functional as F
+    import torchvision.transforms as T
+
+    from finetune.stimuli import render_synthetic_image, synthetic_captions
+
+    pre = config["preprocess_cfg"]
+    transform = T.Compose([T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+    size = config["model_cfg"]["vision_cfg"]["image_size"]
+    pairs = [(k, i) for k in range(8) for i in range(10)]
+    images = torch.stack([transform(render_synthetic_image(k, i, size=size)) for k, i in pairs])
+    captions = [synthetic_captions(k, i) for k, i in pairs]
+    tokenizer = open_clip.SimpleTokenizer(
+        context_length=config["model_cfg"]["text_cfg"]["context_length"]
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        rows = rng.sample(range(len(pairs)), 32)
+        text = tokenizer([rng.choice(captions[r]) for r in rows])
+        img = F.normalize(model.encode_image(images[rows]), dim=-1)
+        txt = F.normalize(model.encode_text(text), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T  # [32, 32]
+        target = torch.arange(len(rows))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def build_tiny_clip(
-    folder: str | Path, image_size: int = 32, embed_dim: int = 32, seed: int = 0
+    folder: str | Path,
+    image_size: int = 32,
+    embed_dim: int = 32,
+    seed: int = 0,
+    fit_steps: int = 150,
 ) -> str:
     """Write the tiny model to `folder` and return the name open_clip loads it by.
 
@@ -76,6 +122,8 @@ def build_tiny_clip(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**config["model_cfg"])  # what create_model builds from it
+        if fit_steps:
+            fit_synthetic(model, config, fit_steps, seed)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     return "local-dir:" + str(folder)

@@ -1,0 +1,80 @@
+"""`brainmoe embed-stimuli | finetune | generate`: the finetuning layer's commands.
+
+`brainmoe finetune` does everything that can fail or is done once in this process -- the
+config, the split, the stimuli (a missing image stops here), the encoder, the heads' base
+models, and the CLIP embeddings (a Ray job, skipped when cached) -- then hands over to the
+`deepspeed` launcher, like `brainmoe pretrain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from pretrain.cli import add_launch_arguments, check_launch_arguments, launch
+
+RUN_PY = Path(__file__).resolve().with_name("run.py")
+
+
+def add_parsers(subparsers) -> None:
+    emb = subparsers.add_parser(
+        "embed-stimuli",
+        help="CLIP image/text embeddings of the shards' stimuli, once (a Ray job)",
+        add_help=False,
+    )
+    emb.add_argument("args", nargs=argparse.REMAINDER)
+    emb.set_defaults(func=_embed)
+
+    fin = subparsers.add_parser(
+        "finetune",
+        help="train the image/text/retrieval heads on a pretrained encoder under DeepSpeed",
+        description="Checks and precomputes everything, then runs `deepspeed finetune/run.py`.",
+    )
+    add_launch_arguments(fin, "configs/finetune/*.yaml")
+    fin.add_argument("--clip-workers", type=int, default=1, help="Ray actors for CLIP embedding")
+    fin.set_defaults(func=_finetune)
+
+    gen = subparsers.add_parser(
+        "generate", help="images and captions from EEG with a finetuned model"
+    )
+    gen.add_argument(
+        "--model", required=True, help="finetune output folder or models:/<name>@<alias>"
+    )
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--eeg", help="a recording file (any format MNE reads, any montage)")
+    src.add_argument("--shards", nargs="+", help="shard build folder(s), with --keys")
+    gen.add_argument("--keys", nargs="+", help="window keys in --shards")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--num-images", type=int, default=1, help="images per input window")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's config)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-windows", type=int, default=4, help="windows of --eeg to decode")
+    gen.add_argument("--tracking-uri", help="MLflow store of models:/ URIs (or env)")
+    gen.set_defaults(func=_generate)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from finetune.clip_cache import main
+
+    return main(args.args)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from finetune.config import FinetuneConfig
+    from finetune.prepare import ensure_clip, prepare
+    from shards.config import load_config
+
+    world = check_launch_arguments(args)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare(cfg, world, Path(tmp))
+    print(prepared.split.summary(), flush=True)
+    print(f"CLIP embeddings: {ensure_clip(cfg, prepared.stimuli, args.clip_workers)}", flush=True)
+    return launch(args, RUN_PY)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from finetune.generate import generate_cli
+
+    return generate_cli(args)

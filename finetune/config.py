@@ -1,0 +1,87 @@
+"""The finetuning run config: the pretraining run's shared parts (optim, dist, train,
+tracking, register) plus the paired data, the encoder to start from, and the heads.
+
+configs/finetune/<name>.yaml + key=value overrides -> FinetuneConfig -> resolved YAML in the
+run folder, flattened into MLflow params, and the generated DeepSpeed JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.clip_cache import ClipConfig
+from finetune.heads.image import ImageHeadConfig
+from finetune.heads.retrieval import RetrievalHeadConfig
+from finetune.heads.text import TextHeadConfig
+from finetune.multitask import TaskWeightingConfig
+from finetune.splits import SplitConfig
+from pretrain.config import RegisterConfig, TrainConfig
+from pretrain.ds_config import DistConfig, OptimConfig
+from pretrain.tracking import TrackingConfig
+from shards.reader import ReaderConfig
+
+TASKS = ("retrieval", "image", "text")
+ENCODER_TRAINING = ("frozen", "lora", "top", "full")
+
+
+def _reader() -> ReaderConfig:
+    return ReaderConfig(
+        batch_size=8, num_workers=1, resampled=True, shuffle_buffer=128, shuffle_initial=32
+    )
+
+
+@dataclass
+class StimuliConfig:
+    image_root: str | None = None  # THINGS-EEG2 / ImageNet-EEG image folder
+    captions: str | None = None  # JSON or CSV: stimulus id -> caption(s)
+    render_size: int = 64  # the synthetic source's stimuli are rendered at this size
+
+
+@dataclass
+class FinetuneDataConfig:
+    shards: list[str] = field(default_factory=list)  # build folders with paired windows
+    reader: ReaderConfig = field(default_factory=_reader)
+    stimuli: StimuliConfig = field(default_factory=StimuliConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class EncoderSetup:
+    model: str = ""  # an exported encoder folder or models:/<name>@<alias>
+    train: str = "lora"  # frozen | lora (attention LoRA) | top (last top_blocks) | full
+    top_blocks: int = 1
+    lora_rank: int = 8
+    lora_alpha: int = 16
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    run_dir: str = "runs/finetune"
+    eval_windows: int = 512  # held-out windows scored at the end (retrieval, captions)
+
+
+@dataclass
+class FinetuneConfig:
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    encoder: EncoderSetup = field(default_factory=EncoderSetup)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    init_adapters: str | None = None  # start the heads from a finetune folder / models:/ URI
+    retrieval: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
+    image: ImageHeadConfig = field(default_factory=ImageHeadConfig)
+    text: TextHeadConfig = field(default_factory=TextHeadConfig)
+    weighting: TaskWeightingConfig = field(default_factory=TaskWeightingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.train.run_dir)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_path / "checkpoints"

@@ -1,0 +1,198 @@
+"""`brainmoe generate`: EEG in, images and captions out, from a registered finetune.
+
+The registered folder holds only adapters; `finetune.json` names the encoder version (and
+its fingerprint) and the base models, so the model is rebuilt exactly as trained -- and an
+encoder whose weights differ from the recorded fingerprint is refused rather than decoded
+into plausible-looking nonsense.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.inputs import batches, windows_from_file, windows_from_shards
+from finetune.model import MultiTaskModel, encoder_fingerprint
+from finetune.stimuli import StimulusSet
+from pretrain.tracking import resolve_model
+
+
+def load_finetuned(
+    uri: str, tracking_uri: str | None, workdir: Path
+) -> tuple[MultiTaskModel, dict[str, Any], Path]:
+    """A finetune folder or models:/ URI -> (model in eval mode, its finetune.json, folder)."""
+    from finetune.trainer import build_model
+    from shards.config import load_config
+
+    folder = resolve_model(uri, tracking_uri, workdir / "adapters")
+    meta_path = folder / "finetune.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{uri} is not a finetune output (no finetune.json in {folder})")
+    meta = json.loads(meta_path.read_text())
+    encoder_dir = resolve_model(meta["encoder_uri"], tracking_uri, workdir / "encoder")
+    found = encoder_fingerprint(encoder_dir)
+    if found != meta["encoder_fingerprint"]:
+        raise ValueError(
+            f"{uri} was trained on encoder {meta['encoder_uri']} with fingerprint "
+            f"{meta['encoder_fingerprint']}, but that URI now resolves to weights with "
+            f"fingerprint {found} (the alias moved?); use the encoder version it was trained on"
+        )
+    cfg = load_config(FinetuneConfig, None, [], **_config_values(meta["config"]))
+    cfg = replace(cfg, tasks=list(meta["tasks"]))
+    clip_dim = int(meta["clip_dim"])
+    model = build_model(cfg, encoder_dir, clip_dim)
+    model.load_adapters(folder)
+    return model.eval(), meta, folder
+
+
+def _config_values(config: dict[str, Any]) -> dict[str, Any]:
+    keep = ("encoder", "tasks", "retrieval", "image", "text", "weighting")
+    return {k: v for k, v in config.items() if k in keep}
+
+
+@torch.no_grad()
+def generate(
+    model: MultiTaskModel,
+    samples: list[dict[str, Any]],
+    out: Path,
+    num_images: int = 1,
+    steps: int | None = None,
+    seed: int = 0,
+    stimuli: StimulusSet | None = None,
+) -> list[dict[str, Any]]:
+    """Images (PNG) and captions per input window into `out`; returns one record per window."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for batch in batches(samples):
+        enc = model.encoder(batch)
+        keys = batch["key"]
+        captions = (
+            model.heads["text"].generate(enc.tokens, enc.valid)
+            if "text" in model.heads
+            else [None] * len(keys)
+        )
+        images = (
+            model.heads["image"].generate(
+                enc.tokens, enc.valid, num_images=num_images, steps=steps, seed=seed
+            )
+            if "image" in model.heads
+            else []
+        )
+        for b, key in enumerate(keys):
+            folder = out / _safe(key)
+            folder.mkdir(exist_ok=True)
+            paths = []
+            for j, image in enumerate(images[b * num_images : (b + 1) * num_images]):
+                path = folder / f"image_{j:02d}.png"
+                image.save(path)
+                paths.append(str(path.relative_to(out)))
+            sid = batch["stimulus_id"][b]
+            stim = stimuli.get(sid) if (stimuli is not None and sid) else None
+            records.append(
+                {
+                    "key": key,
+                    "caption": captions[b],
+                    "images": paths,
+                    "stimulus_id": sid,
+                    "stimulus_image": str(stim.image) if stim and stim.image else None,
+                    "stimulus_captions": stim.captions if stim else None,
+                    "channels": len(batch["ch_names"][b]),
+                    "eeg": batch["eeg"][b, : len(batch["ch_names"][b])].numpy(),
+                }
+            )
+    (out / "captions.json").write_text(
+        json.dumps({r["key"]: r["caption"] for r in records}, indent=1) + "\n"
+    )
+    contact_sheet(records, out)
+    for r in records:
+        r.pop("eeg")
+    (out / "generated.json").write_text(json.dumps(records, indent=1) + "\n")
+    return records
+
+
+def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
+    """contact_sheet.png (EEG | stimulus | generated images, caption below) and index.html."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n_img = max([len(r["images"]) for r in records] + [0])
+    cols = 2 + n_img
+    fig, axes = plt.subplots(
+        len(records), cols, figsize=(2.2 * cols, 2.2 * len(records)), squeeze=False
+    )
+    for row, r in zip(axes, records, strict=True):
+        eeg = r["eeg"]  # [C, T] uV
+        offsets = 3 * (eeg.std() + 1e-9) * torch.arange(len(eeg)).numpy()[:, None]
+        row[0].plot((eeg + offsets).T, lw=0.3, color="k")
+        row[0].set_title(f"{r['key'][:24]}\n{r['channels']} ch", fontsize=6)
+        if r["stimulus_image"]:
+            row[1].imshow(Image.open(r["stimulus_image"]))
+            row[1].set_title("stimulus", fontsize=6)
+        for j, path in enumerate(r["images"]):
+            row[2 + j].imshow(Image.open(out / path))
+            row[2 + j].set_title(f"generated {j}", fontsize=6)
+        row[-1].set_xlabel((r["caption"] or "")[:40], fontsize=6)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out / "contact_sheet.png", dpi=100)
+    plt.close(fig)
+    rows = []
+    for r in records:
+        stim = (
+            f'<img src="{html.escape(Path(r["stimulus_image"]).as_uri())}" width=128>'
+            if r["stimulus_image"]
+            else "unknown"
+        )
+        imgs = "".join(f'<img src="{html.escape(p)}" width=128>' for p in r["images"])
+        rows.append(
+            f"<tr><td>{html.escape(r['key'])}<br>{r['channels']} channels</td><td>{stim}</td>"
+            f"<td>{imgs}</td><td>{html.escape(r['caption'] or '')}</td></tr>"
+        )
+    (out / "index.html").write_text(
+        "<html><body><h1>brainmoe generate</h1><img src='contact_sheet.png'><table border=1>"
+        "<tr><th>EEG window</th><th>stimulus</th><th>generated</th><th>caption</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>\n"
+    )
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+def generate_cli(args) -> int:
+    if args.num_images < 1:
+        raise ValueError("--num-images must be at least 1")
+    if args.shards and not args.keys:
+        raise ValueError("--shards needs --keys (window keys: brainmoe shards inspect lists them)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, meta, folder = load_finetuned(args.model, args.tracking_uri, Path(tmp))
+        stimuli = (
+            StimulusSet.load(folder / "stimuli.json")
+            if (folder / "stimuli.json").is_file()
+            else None
+        )
+        samples = (
+            windows_from_file(args.eeg, args.max_windows)
+            if args.eeg
+            else windows_from_shards(args.shards, args.keys)
+        )
+        records = generate(
+            model, samples, Path(args.out), args.num_images, args.steps, args.seed, stimuli
+        )
+    for r in records:
+        print(f"{r['key']}: {len(r['images'])} image(s)  caption: {r['caption']!r}")
+    print(f"contact sheet: {Path(args.out) / 'contact_sheet.png'}")
+    return 0

@@ -1,0 +1,101 @@
+"""EEG inputs for inference: windows of a recording file (any format MNE reads, any montage)
+or chosen windows of built shards, as the reader's batches -- so inference sees exactly the
+preprocessing and batch format that training saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards.preprocess import PreprocessConfig, preprocess
+from shards.reader import ReaderConfig, collate_eeg, make_loader
+
+
+def windows_from_file(
+    path: str | Path, max_windows: int = 4, preprocess_cfg: PreprocessConfig | None = None
+) -> list[dict[str, Any]]:
+    """Reader-format samples of the first `max_windows` windows of one recording file."""
+    from shards.recording import Provenance, Rejected
+    from shards.sources.files import read_raw
+    from shards.sources.mne_raw import recording_from_raw
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--eeg {path}: no such file")
+    try:
+        raw = read_raw(path)
+    except Exception as err:  # MNE raises many types for unreadable files
+        raise ValueError(f"--eeg {path}: MNE cannot read it ({err})") from None
+    rec = recording_from_raw(raw, Provenance("file", path.stem, "0", "0", file=str(path)))
+    if isinstance(rec, Rejected):
+        raise ValueError(f"--eeg {path}: {rec.reason}")
+    processed = preprocess(rec, preprocess_cfg or PreprocessConfig())
+    if processed.channels is None or not processed.windows:
+        reason = processed.rejected_reason or "no usable window"
+        raise ValueError(f"--eeg {path}: nothing to decode ({reason})")
+    ch = processed.channels
+    samples = []
+    for win in processed.windows[:max_windows]:
+        pos = np.nan_to_num(ch.positions).astype(np.float32)
+        samples.append(
+            {
+                "key": f"{path.stem}_w{win.index:06d}",
+                "shard": str(path),
+                "eeg": win.data.astype(np.float32),  # [C, T] uV
+                "ch_names": list(ch.names),
+                "ch_known": np.asarray(ch.known, dtype=bool),
+                "ch_pos": pos,
+                "pos_known": np.isfinite(ch.positions).all(axis=1),
+                "sfreq": processed.sfreq,
+                "label": win.label,
+                "stimulus_id": win.stimulus_id,
+                "meta": {"start_s": win.start_s},
+            }
+        )
+    return samples
+
+
+def windows_from_shards(folders: list[str], keys: list[str]) -> list[dict[str, Any]]:
+    """The named windows of built shards, in the order of `keys`."""
+    from finetune.splits import KeySelect
+
+    loader = make_loader(
+        folders,
+        ReaderConfig(batch_size=1, num_workers=0, shuffle=False),
+        rank=0,
+        world_size=1,
+        select=KeySelect(keys),
+    )
+    found = {}
+    for batch in loader:
+        sample = _uncollate(batch)
+        found[sample["key"]] = sample
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise ValueError(f"--keys {missing[:5]} are not in the shards {folders}")
+    return [found[k] for k in keys]
+
+
+def _uncollate(batch: dict[str, Any]) -> dict[str, Any]:
+    c = int(batch["channel_mask"][0].sum())
+    t = int(batch["time_mask"][0].sum())
+    return {
+        "key": batch["key"][0],
+        "shard": batch["shard"][0],
+        "eeg": batch["eeg"][0, :c, :t].numpy(),
+        "ch_names": batch["ch_names"][0][:c],
+        "ch_known": batch["ch_known"][0, :c].numpy(),
+        "ch_pos": batch["ch_pos"][0, :c].numpy(),
+        "pos_known": batch["pos_known"][0, :c].numpy(),
+        "sfreq": float(batch["sfreq"][0]),
+        "label": batch["label"][0],
+        "stimulus_id": batch["stimulus_id"][0],
+        "meta": batch["meta"][0],
+    }
+
+
+def batches(samples: list[dict[str, Any]], batch_size: int = 8):
+    for start in range(0, len(samples), batch_size):
+        yield collate_eeg(samples[start : start + batch_size])

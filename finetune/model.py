@@ -1,0 +1,137 @@
+"""One encoder, several heads, one loss: the finetuning model (plain PyTorch).
+
+The encoder comes from pretraining (a folder or a registry URI) and is adapted in one of four
+ways, cheapest first: ``frozen``; ``lora`` (low-rank adapters on its attention projections,
+via peft -- the MoE experts and routers stay as pretrained); ``top`` (the last few blocks
+trainable); ``full``. The heads take the encoder's tokens; their losses are combined by the
+configured task weighting (a learned gate over the pooled EEG representation, uncertainty
+weighting, or fixed weights).
+
+What is saved after finetuning is only what was trained (see `trainable_state`): adapters and
+projectors, megabytes, never the base models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pretrain.encoder import Encoder
+
+ENCODER_LORA_TARGETS = ["qkv", "out"]  # pretrain.encoder.Attention's projections
+
+
+def encoder_fingerprint(folder: str | Path) -> str:
+    """Identity of an exported encoder: the hash of its weights file. An adapter records it,
+    so it is never attached to an encoder it was not trained with."""
+    return hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def adapt_encoder(encoder: Encoder, mode: str, top_blocks: int = 1, rank: int = 8, alpha: int = 16):
+    """Set what of the encoder trains; returns the encoder (LoRA layers injected in place)."""
+    encoder.requires_grad_(False)
+    if mode == "frozen":
+        return encoder
+    if mode == "full":
+        return encoder.requires_grad_(True)
+    if mode == "top":
+        if not 1 <= top_blocks <= len(encoder.blocks):
+            raise ValueError(
+                f"encoder.top_blocks={top_blocks} but the encoder has {len(encoder.blocks)} blocks"
+            )
+        for block in encoder.blocks[-top_blocks:]:
+            block.requires_grad_(True)
+        encoder.norm.requires_grad_(True)
+        return encoder
+    if mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ENCODER_LORA_TARGETS)
+        return inject_adapter_in_model(config, encoder)
+    raise ValueError(f"encoder.train must be frozen, lora, top or full; got {mode!r}")
+
+
+class MultiTaskModel(nn.Module):
+    """``forward(batch)`` -> {"loss", "losses": {task: scalar}, "weights": {task: float}}."""
+
+    def __init__(self, encoder: Encoder, heads: dict[str, nn.Module], weighting: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+        self.weighting = weighting
+
+    def encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.encoder.parameters())
+
+    def forward(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable()):
+            enc = self.encoder(batch)
+        tokens, valid = enc.tokens, enc.valid  # [B, N, D], [B, N]
+        losses: dict[str, Tensor] = {}
+        extra: dict[str, Tensor] = {}
+        for name, head in self.heads.items():
+            kwargs = {"generator": generator} if name == "image" else {}
+            out = head(tokens, valid, batch, **kwargs)
+            losses[name] = out["loss"]
+            extra.update({f"{name}/{k}": v for k, v in out.items() if k != "loss"})
+        pooled = Encoder.pool(enc)  # [B, D]
+        total, weights = self.weighting(losses, pooled)
+        if self.encoder_trainable():
+            total = total + enc.aux_loss
+        return {"loss": total, "losses": losses, "weights": weights, "extra": extra, "enc": enc}
+
+    # ---- what is saved -------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Encoder adapters/blocks and the weighting (the heads save their own formats)."""
+        state = {
+            f"encoder.{k}": v
+            for k, v in self.encoder.state_dict().items()
+            if _trains(self.encoder, k)
+        }
+        state.update({f"weighting.{k}": v for k, v in self.weighting.state_dict().items()})
+        return state
+
+    def save_adapters(self, folder: str | Path, meta: dict[str, Any]) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in self.trainable_state().items()},
+            folder / "multitask.safetensors",
+        )
+        for name, head in self.heads.items():
+            head.save_adapter(folder / name)
+        (folder / "finetune.json").write_text(json.dumps(meta, indent=1, default=str))
+        return folder
+
+    def load_adapters(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        state = load_file(folder / "multitask.safetensors")
+        enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        wgt = {
+            k.removeprefix("weighting."): v for k, v in state.items() if k.startswith("weighting.")
+        }
+        missing = set(enc) - set(self.encoder.state_dict())
+        if missing:
+            raise ValueError(
+                f"{folder} holds encoder weights this encoder does not have "
+                f"({sorted(missing)[:3]}...): it was finetuned with another encoder.train mode"
+            )
+        self.encoder.load_state_dict(enc, strict=False)
+        self.weighting.load_state_dict(wgt)
+        for name, head in self.heads.items():
+            if not (folder / name).is_dir():
+                raise ValueError(f"{folder} has no adapter for the {name!r} head")
+            head.load_adapter(folder / name)
+
+
+def _trains(module: nn.Module, key: str) -> bool:
+    params = dict(module.named_parameters())
+    return key in params and params[key].requires_grad or "lora_" in key

@@ -1,0 +1,202 @@
+"""Finetuning for real: `brainmoe finetune` with 2 DeepSpeed ranks on CPU, tiny bases.
+
+The tiny random-weight bases (open_clip, Stable Diffusion UNet + VAE + scheduler, a Llama
+with a word-level tokenizer) are built from configs into a folder first, so every base loads
+through its real `from_pretrained(path)`. The encoder is registered in MLflow (sqlite) and
+pulled by alias, as a user's pretrained one would be. One multi-task run (retrieval + image +
+text, ZeRO-2) is shared by the tests below; `brainmoe generate` then runs from the registry
+on a real recording and on shard keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.encoder import Encoder, get_config
+from pretrain.export import register_export
+from shards.build import BuildConfig, build
+from shards.config import load_config
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+BRAINMOE = [sys.executable, "-m", "cluster.cli"]
+TINY = str(REPO / "configs" / "finetune" / "tiny.yaml")
+CORPUS = "synthetic?subjects=6&runs=2&duration_s=120"
+STEPS = 40
+HEADS = "brainmoe-heads-ci"
+
+
+def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK")}
+    env["DS_ACCELERATOR"] = "cpu"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        [*BRAINMOE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def must_succeed(result) -> str:
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Shards, tiny bases, a registered encoder: what a finetuning user starts from."""
+    from finetune.tiny.__main__ import build_all
+
+    root = tmp_path_factory.mktemp("finetune")
+    shards = root / "shards"
+    build(load_config(BuildConfig, sources=[CORPUS], out=str(shards), workers=0))
+    bases = build_all(root / "bases")
+    torch.manual_seed(0)
+    Encoder(get_config("tiny", spectral_bands=16)).save_pretrained(root / "encoder")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    register_export(root / "encoder", "tiny-encoder", "current", uri)
+    common = [
+        f"data.shards=[{shards}]",
+        "encoder.model=models:/tiny-encoder@current",
+        f"tracking.tracking_uri={uri}",
+        *bases,
+    ]
+    return {"root": root, "shards": shards, "uri": uri, "common": common, "bases": bases}
+
+
+@pytest.fixture(scope="module")
+def finetuned(world) -> Path:
+    run_dir = world["root"] / "run"
+    result = run(
+        "finetune",
+        "--num-gpus",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "--config",
+        TINY,
+        *world["common"],
+        f"train.run_dir={run_dir}",
+        f"train.steps={STEPS}",
+        "train.log_every=10",
+        f"train.ckpt_every={STEPS}",
+        f"register.name={HEADS}",
+    )
+    log = must_succeed(result)
+    assert f"registered {HEADS} version 1 as @current" in log, log[-3000:]
+    return run_dir
+
+
+def test_all_three_losses_fall(finetuned):
+    rows = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == STEPS
+    for task in ("retrieval", "image", "text"):
+        first, last = rows[0][f"{task}_loss"], rows[-1][f"{task}_loss"]
+        assert last < first, f"{task} loss did not fall: {first:.4f} -> {last:.4f}"
+
+
+def test_adapters_are_small_and_reload_to_identical_outputs(finetuned, world):
+    from finetune.generate import load_finetuned
+    from finetune.inputs import windows_from_shards
+    from finetune.pairs import Pairing
+    from finetune.trainer import reference_outputs
+    from shards.reader import collate_eeg
+
+    adapters = finetuned / "adapters"
+    size = sum(p.stat().st_size for p in adapters.rglob("*") if p.is_file())
+    bases = sum(p.stat().st_size for p in (world["root"] / "bases").rglob("*") if p.is_file())
+    assert size < 0.5 * bases, f"adapters {size} bytes vs bases {bases}: only trained parts saved"
+    reference = torch.load(finetuned / "reference_output.pt", weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, meta, _ = load_finetuned(str(adapters), world["uri"], Path(tmp))
+        from finetune.clip_cache import ClipCache
+        from finetune.stimuli import StimulusSet
+
+        clip = ClipCache.load(next((world["shards"] / "clip").iterdir()))
+        pairing = Pairing(StimulusSet.load(adapters / "stimuli.json"), clip)
+        batch = pairing(collate_eeg(windows_from_shards([str(world["shards"])], reference["keys"])))
+        again = reference_outputs(model, batch)
+    for name in ("tokens", "retrieval", "image", "text"):
+        diff = (again[name] - reference[name]).abs().max().item()
+        assert diff < 1e-5, f"{name}: reloaded adapters differ from the engine's model by {diff}"
+
+
+def test_registry_version_links_to_encoder_version(finetuned, world):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=world["uri"], registry_uri=world["uri"])
+    version = client.get_model_version_by_alias(HEADS, "current")
+    tags = version.tags
+    assert tags["encoder_version"] == "tiny-encoder/1", tags
+    assert tags["encoder_uri"] == "models:/tiny-encoder@current", tags
+    assert len(tags["encoder_fingerprint"]) == 16, tags
+    assert tags["tasks"] == "retrieval,image,text", tags
+    assert {"base.image.unet", "base.text.lm"} <= set(tags), sorted(tags)
+
+
+def test_generate_from_the_registry_on_a_real_recording(finetuned, world, mne_testing, tmp_path):
+    # EEGLAB, 32 channels named "EEG 000".. with positions only, at 128 Hz: a montage and a
+    # rate the encoder never saw in the synthetic corpus
+    recording = mne_testing / "EEGLAB" / "test_raw.set"
+    result = run(
+        "generate",
+        "--model",
+        f"models:/{HEADS}@current",
+        "--tracking-uri",
+        world["uri"],
+        "--eeg",
+        str(recording),
+        "--out",
+        str(tmp_path),
+        "--num-images",
+        "2",
+        "--steps",
+        "3",
+        "--max-windows",
+        "2",
+    )
+    must_succeed(result)
+    records = json.loads((tmp_path / "generated.json").read_text())
+    assert records and all(len(r["images"]) == 2 for r in records), records
+    assert all(r["channels"] > 19 for r in records), records
+    for r in records:
+        for path in r["images"]:
+            assert Image.open(tmp_path / path).size == (32, 32)
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    assert set(captions) == {r["key"] for r in records}
+    assert all(isinstance(c, str) and c for c in captions.values()), captions
+    assert (tmp_path / "contact_sheet.png").is_file() and (tmp_path / "index.html").is_file()
+
+
+def test_generate_on_shard_keys_shows_the_stimulus(finetuned, world, tmp_path):
+    split = json.loads((finetuned / "split.json").read_text())
+    keys = split["test_keys"][:2]
+    result = run(
+        "generate",
+        "--model",
+        str(finetuned / "adapters"),
+        "--tracking-uri",
+        world["uri"],
+        "--shards",
+        str(world["shards"]),
+        "--keys",
+        *keys,
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+    )
+    must_succeed(result)
+    records = json.loads((tmp_path / "generated.json").read_text())
+    assert [r["key"] for r in records] == keys
+    assert all(r["stimulus_image"] and Path(r["stimulus_image"]).is_file() for r in records)
+    assert all(len(r["images"]) == 1 for r in records)
