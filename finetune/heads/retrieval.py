@@ -40,6 +40,9 @@ class RetrievalHeadConfig:
     temperature_init: float = 0.07
     learn_temperature: bool = True
     text_weight: float = 0.0  # > 0: also align to batch["clip_text"] with this weight
+    # > 0: add this weight x (1 - cos(EEG, image embedding)) -- ATM's InfoNCE + regression: a
+    # dense per-sample signal beside the in-batch contrast, which small batches make weak
+    cosine_weight: float = 1.0
     # how tokens become one vector: "attention" (learned queries over the tokens, keeps where
     # on the scalp; finetune/heads/resampler.py) or "mean" (Encoder.pool)
     pooling: str = "attention"
@@ -146,6 +149,10 @@ class RetrievalHead(nn.Module):
         image = self._target(batch, "clip_image", b, eeg.device)
         loss, top1 = clip_loss(eeg, image, scale, positives)
         out = {"retrieval_loss": loss.detach()}
+        if self.config.cosine_weight > 0:
+            cosine = (1 - (eeg * image).sum(-1)).mean()
+            loss = loss + self.config.cosine_weight * cosine
+            out["retrieval_cosine_loss"] = cosine.detach()
         if self.config.text_weight > 0:
             text = self._target(batch, "clip_text", b, eeg.device)
             text_loss, _ = clip_loss(eeg, text, scale, positives)

@@ -98,6 +98,10 @@ class SyntheticParams:
     seed: int = 0
     line_freq: float = 50.0  # 0 for none
     artifacts: bool = True
+    # scale of every planted class/instance pattern (evoked, late, burst): 1 is the realistic
+    # default; larger makes a world where decoding is easy, to test that a pipeline *can*
+    # learn when the information is there, apart from how hard real data are
+    effect: float = 1.0
 
     def check(self, spec: str) -> None:
         """Raise ValueError naming every bad parameter and what to use instead."""
@@ -108,6 +112,7 @@ class SyntheticParams:
                 ("sfreq", self.sfreq),
                 ("trial_s", self.trial_s),
                 ("line_freq", self.line_freq),
+                ("effect", self.effect),
             )
             if not math.isfinite(value)
         ]
@@ -142,6 +147,8 @@ class SyntheticParams:
             )
         if self.seed < 0:
             problems.append(f"seed={self.seed} must be non-negative")
+        if self.effect < 0:
+            problems.append(f"effect={self.effect} must be >= 0 (1 = the default strength)")
         if problems:
             raise ValueError(f"source {spec!r}: " + "; ".join(problems))
 
@@ -177,6 +184,8 @@ class SyntheticSource:
         # A subject's signals do not depend on how many subjects there are: leave that out of
         # the fingerprint, so asking for more subjects does not redo the finished ones.
         inputs = {k: v for k, v in asdict(self.params).items() if k != "subjects"}
+        if inputs["effect"] == 1.0:
+            del inputs["effect"]  # the default: fingerprints of builds made before it existed hold
         return [
             WorkUnit(
                 id=f"synthetic-sub-{s:03d}",
@@ -446,6 +455,7 @@ def _plant_trials(
     """Add every trial's class and instance response to out [C, T] (uV); return the events."""
     sfreq = p.sfreq
     N = int(math.floor(p.duration_s / p.trial_s + 1e-9))
+    gain = p.effect  # scales every pattern below
     cls = _blocks(rng, p.classes, N)  # [N]
     inst = np.empty(N, dtype=np.int64)
     for k in range(p.classes):
@@ -488,7 +498,7 @@ def _plant_trials(
         o = round(onset * sfreq)
         n = min(Ts, T - o)
         k = int(cls[i])
-        out[:, o : o + n] += (
+        out[:, o : o + n] += gain * (
             subj.evoked_topo[k, :, None] * evoked[i, :n]
             + subj.late_topo[k, :, None] * late[i, :n]
             + subj.burst_topo[k, :, None] * burst[i, :n]
