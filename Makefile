@@ -18,7 +18,8 @@ $(BIN)/brainmoe: pyproject.toml
 venv: $(BIN)/brainmoe
 
 # synthetic shards -> tiny MoE pretrained on 2 CPU ranks under DeepSpeed -> exported and
-# registered in the run's own MLflow (sqlite) -> linear probe pulled back by its alias.
+# registered in the run's own MLflow (sqlite) -> linear probe pulled back by its alias ->
+# image/text/retrieval heads finetuned on it -> generate from the registered heads.
 demo: venv
 	$(BIN)/brainmoe shards build --source "$(DEMO_CORPUS)" --out $(DEMO)/shards --workers 2
 	$(BIN)/brainmoe shards verify $(DEMO)/shards
@@ -30,7 +31,20 @@ demo: venv
 	    train.run_dir=$(DEMO)/pretrain register.name=brainmoe-demo
 	$(BIN)/brainmoe probe --model models:/brainmoe-demo@current \
 	    --tracking-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db --source "$(DEMO_PROBE)"
-	@echo "plots: $(DEMO)/pretrain/plots/  MLflow UI: $(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db"
+	# heads: tiny random-weight bases (nothing downloaded) -> multi-task finetune on 2 CPU
+	# ranks from the registered encoder -> registered adapters -> images + captions
+	rm -rf $(DEMO)/finetune $(DEMO)/generated
+	$(BIN)/brainmoe finetune --num-gpus 2 --config configs/finetune/tiny.yaml \
+	    data.shards=[$(DEMO)/shards] encoder.model=models:/brainmoe-demo@current \
+	    tracking.tracking_uri=sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db \
+	    $$($(BIN)/python -m finetune.tiny $(DEMO)/bases) \
+	    train.run_dir=$(DEMO)/finetune register.name=brainmoe-demo-heads
+	$(BIN)/brainmoe generate --model models:/brainmoe-demo-heads@current \
+	    --tracking-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db --shards $(DEMO)/shards \
+	    --keys $$($(BIN)/python -c "import json; print(*json.load(open('$(DEMO)/finetune/split.json'))['test_keys'][:3])") \
+	    --out $(DEMO)/generated --num-images 2
+	@echo "plots: $(DEMO)/pretrain/plots/  held-out scores: $(DEMO)/finetune/eval.json  images: $(DEMO)/generated/index.html"
+	@echo "MLflow UI: $(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db"
 
 lint: venv
 	$(BIN)/ruff check .
@@ -46,6 +60,7 @@ test: lint
 bench: venv
 	$(BIN)/python bench/shards.py
 	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

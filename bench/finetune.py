@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,7 @@ CONFIGS = [
     ("multitask", ["retrieval", "image", "text"], "full"),
 ]
 TASKS = ["retrieval", "image", "text"]
+BASE_KEYS = ("image.base", "text.base")  # overrides that name real bases instead of tiny ones
 # 19 channels of 10-20, then 13 of 10-10 up to 32: every name is on the 10-05 template.
 CHANNELS = [
     *["Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "T7", "C3", "Cz", "C4", "T8", "P7", "P3"],
@@ -120,10 +122,41 @@ def count(module: torch.nn.Module, trainable: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
+def reset_peak_rss() -> float:
+    """Restart the process's peak-RSS count (Linux) and return the RSS now, MiB.
+
+    The imports' transient peak (~1 GiB) is above what a tiny model adds, so the lifetime
+    peak (``ru_maxrss``, what bench/pretrain.py reads) would hide it; Linux lets a process
+    reset its high-water mark by writing 5 to /proc/self/clear_refs.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the lifetime peak, which may hide small models
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _proc_status("VmRSS")
+
+
+def peak_rss() -> float:
+    try:
+        return _proc_status("VmHWM")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status(field: str) -> float:
+    """A ``kB`` line of /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """One configuration, timed in this process (called in a child process)."""
-    import resource
-
     # Every heavy import before the RSS baseline, so the peak is the model and training only.
     import diffusers  # noqa: F401
     import peft  # noqa: F401
@@ -145,7 +178,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         *args.overrides,
     ]
     cfg = load_config(FinetuneConfig, TINY_CONFIG, overrides)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = reset_peak_rss()
 
     torch.manual_seed(0)
     model = build_model(cfg, Path(args.workdir) / "encoder", args.clip_dim).to(device)
@@ -183,8 +216,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     wall = statistics.median(times)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-    else:  # what building and training added to the peak RSS (the imports alone are ~1 GiB)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    else:  # what building the model and training added to the RSS after the imports
+        peak = peak_rss() - rss_before
     return {
         "name": name,
         "train": train,
@@ -198,6 +231,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         "trainable_total": sum(p.numel() for p in trainable),
         "total_params": count(model, trainable=False),
         "step_s": wall,
+        "step_min_s": min(times),
         "samples_per_s": args.batch / wall,
         "peak_mib": peak,
     }
@@ -230,7 +264,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> list[str]:
     return out
 
 
-def report(results: list[dict], args: argparse.Namespace, bases: str) -> str:
+def report(results: list[dict], args: argparse.Namespace, bases: str, load: float) -> str:
     device = next((r["device"] for r in results if "device" in r), "cpu")
     timed = [r for r in results if "step_s" in r]
     singles = [r["step_s"] for r in timed if len(r["tasks"]) == 1 and r["train"] == "lora"]
@@ -246,7 +280,7 @@ def report(results: list[dict], args: argparse.Namespace, bases: str) -> str:
         "uncertainty task weighting.",
         "",
         "| heads | encoder | trainable: encoder | retrieval | image | text | weighting "
-        "| trainable total | params total | step ms | samples/s | "
+        "| trainable total | params total | step ms (min) | samples/s | "
         + ("peak MiB (CUDA allocated) |" if device == "cuda" else "peak MiB (RSS above imports) |"),
         "| --- | --- |" + " ---: |" * 10,
     ]
@@ -260,7 +294,8 @@ def report(results: list[dict], args: argparse.Namespace, bases: str) -> str:
             f"| {r['name']} | {r['train']} | "
             + " | ".join(cells)
             + f" | {split['weighting']:,} | {r['trainable_total']:,} "
-            f"| {r['total_params'] / 1e6:.2f}M | {1e3 * r['step_s']:.0f} "
+            f"| {r['total_params'] / 1e6:.2f}M "
+            f"| {1e3 * r['step_s']:.0f} ({1e3 * r['step_min_s']:.0f}) "
             f"| {r['samples_per_s']:.1f} | {r['peak_mib']:.0f} |"
         )
     if multi and len(singles) == len(TASKS):
@@ -273,11 +308,17 @@ def report(results: list[dict], args: argparse.Namespace, bases: str) -> str:
     lines += [
         "",
         "Trainable counts are what a saved adapter holds (encoder LoRA or blocks, each head's "
-        "projectors and LoRA, the task log-variances); params total includes the frozen "
-        "encoder and base models the process keeps in memory.",
+        "projectors and LoRA, the task log-variances; - = head not in the run); params total "
+        "includes the frozen encoder and base models the process keeps in memory.",
     ]
     if device != "cuda":
-        lines += ["No GPU on this machine: CUDA runs of this script use bf16 autocast."]
+        lines += [
+            "",
+            f"1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs. A busy "
+            "shared CPU slows small multi-threaded ops many-fold (median far above min); rerun "
+            "when it is idle. No GPU on this machine: CUDA runs use bf16 autocast and report "
+            "the CUDA allocator's peak.",
+        ]
     return "\n".join(lines)
 
 
@@ -309,24 +350,26 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(args.child, args)))
         return
+    from finetune.config import FinetuneConfig
+    from shards.config import load_config
+
+    load_config(FinetuneConfig, TINY_CONFIG, args.overrides)  # a bad override fails here, now
 
     with tempfile.TemporaryDirectory(prefix="brainmoe-bench-finetune-") as tmp:
         workdir = Path(tmp)
         built = prepare(workdir, args)
-        named = [o for o in args.overrides if o.split("=", 1)[0] in ("image.base", "text.base")]
+        given = {k: v for k, v in (o.split("=", 1) for o in args.overrides) if k in BASE_KEYS}
         bases = ", ".join(
-            [f"`{o}`" for o in named]
-            + (
-                ["tiny random-weight SD and LM (finetune/tiny/)"]
-                if len(built) == 2
-                else ["the rest tiny (finetune/tiny/)"] * bool(built)
-            )
+            f"{key.split('.')[0]} "
+            + (f"`{given[key]}`" if key in given else "tiny (finetune/tiny/)")
+            for key in BASE_KEYS
         )
         passthrough = [
             f"--{k.replace('_', '-')}={v}"
             for k, v in vars(args).items()
             if k in ("batch", "channels", "seconds", "steps", "warmup", "encoder", "clip_dim")
         ]
+        load = os.getloadavg()[0]
         results = []
         for name, tasks, train in CONFIGS:
             proc = subprocess.run(
@@ -352,7 +395,7 @@ def main() -> None:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
 
-    body = report(results, args, bases)
+    body = report(results, args, bases, load)
     write_section("Finetuning", body)
     print(body)
 

@@ -8,7 +8,6 @@ run folder, flattened into MLflow params, and the generated DeepSpeed JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from finetune.clip_cache import ClipConfig
 from finetune.heads.image import ImageHeadConfig
@@ -16,7 +15,7 @@ from finetune.heads.retrieval import RetrievalHeadConfig
 from finetune.heads.text import TextHeadConfig
 from finetune.multitask import TaskWeightingConfig
 from finetune.splits import SplitConfig
-from pretrain.config import RegisterConfig, TrainConfig
+from pretrain.config import RegisterConfig, RunPaths, TrainConfig
 from pretrain.ds_config import DistConfig, OptimConfig
 from pretrain.tracking import TrackingConfig
 from shards.reader import ReaderConfig
@@ -63,7 +62,7 @@ class FinetuneTrainConfig(TrainConfig):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunPaths):
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     encoder: EncoderSetup = field(default_factory=EncoderSetup)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -77,11 +76,3 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
-
-    @property
-    def run_path(self) -> Path:
-        return Path(self.train.run_dir)
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.run_path / "checkpoints"

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pretrain.tracking import model_version_info, register_folder
+from pretrain.tracking import lineage_tags, model_version_info, register_folder
 
 
 def encoder_version_tag(encoder_uri: str, tracking_uri: str | None) -> str:
@@ -39,10 +39,7 @@ def register_adapters(
         "encoder_uri": meta["encoder_uri"],
         "encoder_version": encoder_version_tag(meta["encoder_uri"], tracking_uri),
         "encoder_fingerprint": meta["encoder_fingerprint"],
-        "git_commit": lineage.get("git_commit", "unknown"),
-        "config_sha256": lineage.get("config_sha256", "unknown"),
-        "shard_manifest_sha256": ",".join(sorted(lineage.get("shard_manifests", {}).values()))
-        or "unknown",
+        **lineage_tags(lineage),
     }
     tags.update({f"base.{k}": v for k, v in meta.get("base_models", {}).items()})
     return register_folder(

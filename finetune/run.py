@@ -10,43 +10,19 @@ embeddings (a Ray job) before launching.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `deepspeed finetune/run.py`
 
-from finetune.config import FinetuneConfig  # noqa: E402
-from shards.config import load_config  # noqa: E402
-
-
-def parse(argv: list[str] | None = None) -> tuple[FinetuneConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML run config (configs/finetune/*.yaml)")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    return load_config(FinetuneConfig, args.config, args.overrides), args
-
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, _ = parse(argv)
-        from finetune.prepare import validate_finetune
+    from finetune.config import FinetuneConfig
+    from finetune.prepare import validate_finetune
+    from finetune.trainer import FinetuneTrainer
+    from pretrain.trainer import run_main
 
-        validate_finetune(cfg, world_size=None)  # cheap checks before DeepSpeed starts
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from finetune.trainer import main_worker
-
-    try:
-        return main_worker(cfg)
-    except ValueError as err:  # found while preparing on the ranks: stop before training
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main(argv, __doc__, FinetuneConfig, validate_finetune, FinetuneTrainer)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from finetune.prepare import clip_folder, data_root, prepare
 from finetune.splits import KeySelect
 from pretrain.encoder import Encoder
 from pretrain.tracking import Tracker
-from pretrain.trainer import Trainer, log, run_worker
+from pretrain.trainer import Trainer, log
 from shards.reader import ReaderConfig, collate_eeg, make_loader
 
 
@@ -232,10 +232,3 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = float(value) if isinstance(value, int | float) else value
     return out
-
-
-def main_worker(cfg: FinetuneConfig) -> int:
-    return run_worker(FinetuneTrainer, cfg)
-
-
-__all__ = ["FinetuneTrainer", "build_model", "main_worker", "make_loader"]

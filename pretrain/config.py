@@ -54,16 +54,10 @@ class RegisterConfig:
     alias: str = "current"  # ("latest" is reserved by MLflow)
 
 
-@dataclass
-class PretrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    msm: dict[str, Any] = field(default_factory=dict)  # MSMConfig fields to change
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
+class RunPaths:
+    """Where a run config's run keeps its files (every run config has `train.run_dir`)."""
+
+    train: TrainConfig
 
     @property
     def run_path(self) -> Path:
@@ -73,6 +67,18 @@ class PretrainConfig:
     def ckpt_path(self) -> Path:
         """Where DeepSpeed checkpoints go (one `step*` folder each, plus `latest`)."""
         return self.run_path / "checkpoints"
+
+
+@dataclass
+class PretrainConfig(RunPaths):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    msm: dict[str, Any] = field(default_factory=dict)  # MSMConfig fields to change
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
 
 def validate_run(cfg, world_size: int | None) -> None:

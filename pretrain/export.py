@@ -78,7 +78,7 @@ def register_export(
     experiment: str = "brainmoe",
 ) -> dict[str, Any]:
     """Register an exported encoder folder with its lineage tags."""
-    from pretrain.tracking import register_folder
+    from pretrain.tracking import lineage_tags, register_folder
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
@@ -90,14 +90,7 @@ def register_export(
         if (folder / "lineage.json").exists()
         else {}
     )
-    manifests = lineage.get("shard_manifests", {})
-    tags = {
-        "kind": "brainmoe-encoder",
-        "shard_manifest_sha256": ",".join(sorted(manifests.values())) or "unknown",
-        "config_sha256": lineage.get("config_sha256", "unknown"),
-        "git_commit": lineage.get("git_commit", "unknown"),
-        "step": str(lineage.get("step", "unknown")),
-    }
+    tags = {"kind": "brainmoe-encoder", **lineage_tags(lineage)}
     config_json = json.dumps(lineage.get("config", {}), sort_keys=True)
     if len(config_json) <= 5000:
         tags["resolved_config"] = config_json

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from pretrain.config import PretrainConfig
 from pretrain.model import build_model, encoder_config, validate_config
 from pretrain.tracking import Tracker
-from pretrain.trainer import Trainer, log, run_worker
+from pretrain.trainer import Trainer, log
 from shards.reader import ReaderConfig, make_loader
 
 
@@ -102,7 +102,3 @@ class MSMTrainer(Trainer):
         )
         log(f"registered {info['name']} version {info['version']} as @{info['alias']}")
         return info
-
-
-def main_worker(cfg: PretrainConfig) -> int:
-    return run_worker(MSMTrainer, cfg)

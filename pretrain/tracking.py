@@ -140,6 +140,17 @@ class Tracker:
             self.active = False
 
 
+def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+    """Registry tags that say where a model came from (a trainer's `lineage()` record)."""
+    manifests = lineage.get("shard_manifests", {})
+    return {
+        "shard_manifest_sha256": ",".join(sorted(manifests.values())) or "unknown",
+        "config_sha256": lineage.get("config_sha256", "unknown"),
+        "git_commit": lineage.get("git_commit", "unknown"),
+        "step": str(lineage.get("step", "unknown")),
+    }
+
+
 def register_folder(
     folder: str | Path,
     name: str,

@@ -15,6 +15,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,36 @@ class Trainer:
                 f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  "
                 f"{metrics['tokens_per_s']:.0f} tokens/s{extra}"
             )
+
+
+def run_main(
+    argv: list[str] | None,
+    description: str,
+    config_cls: type,
+    validate: Callable[[Any, int | None], None],
+    trainer_cls: type[Trainer],
+) -> int:
+    """What `deepspeed <layer>/run.py --config ... key=value ...` does on every rank: load the
+    run config, run the checks that need no world, train. User errors exit 2 with the message."""
+    import argparse
+    import sys
+
+    from shards.config import load_config
+
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML run config (configs/<layer>/*.yaml)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        validate(cfg, None)  # cheap checks before DeepSpeed starts
+        return run_worker(trainer_cls, cfg)
+    except ValueError as err:  # also what the ranks find while preparing: before training
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def run_worker(trainer_cls: type[Trainer], cfg: Any) -> int:
