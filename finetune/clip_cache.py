@@ -163,17 +163,25 @@ class Embedder:
         self.device = torch.device(device)
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def images(self, paths: Sequence[str]) -> np.ndarray:
-        """[S, Dc] normalised image embeddings."""
+        """[S, Dc] normalised image embeddings of image files."""
         from PIL import Image
 
+        pictures = []
+        for p in paths:
+            with Image.open(p) as im:
+                pictures.append(im.convert("RGB"))
+        return self.pictures(pictures)
+
+    @torch.no_grad()
+    def pictures(self, pictures: Sequence) -> np.ndarray:
+        """[S, Dc] normalised image embeddings of PIL images (e.g. generated ones)."""
         out = []
-        for start in range(0, len(paths), self.batch_size):
-            batch = []
-            for p in paths[start : start + self.batch_size]:
-                with Image.open(p) as im:
-                    batch.append(self.preprocess(im.convert("RGB")))
+        for start in range(0, len(pictures), self.batch_size):
+            batch = [
+                self.preprocess(im.convert("RGB"))
+                for im in pictures[start : start + self.batch_size]
+            ]
             x = torch.stack(batch).to(self.device)  # [B, 3, H, W]
             out.append(torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1))
         return torch.cat(out).cpu().numpy()

@@ -59,6 +59,7 @@ class EncoderSetup:
 class FinetuneTrainConfig(TrainConfig):
     run_dir: str = "runs/finetune"
     eval_windows: int = 512  # held-out windows scored at the end (retrieval, captions)
+    eval_images: int = 8  # of them, how many get an image generated and scored in CLIP space
 
 
 @dataclass

@@ -53,6 +53,8 @@ def evaluate(model, cfg, prep, pairing, device, dtype) -> dict[str, Any]:
         scores["retrieval"] = _retrieval(model.heads["retrieval"], encoded, pairing)
     if "text" in model.heads:
         scores["text"] = _captions(model.heads["text"], encoded, prep.stimuli)
+    if "image" in model.heads and cfg.train.eval_images > 0:
+        scores["image"] = _images(model.heads["image"], encoded, pairing, cfg, device)
     return scores
 
 
@@ -92,6 +94,46 @@ def _retrieval(head, encoded, pairing) -> dict[str, Any]:
         "chance_top1": 1.0 / len(ids),
         "report": metrics.report(value, control),
     }
+
+
+def _images(head, encoded, pairing, cfg, device) -> dict[str, Any]:
+    """Generated images in CLIP space: similarity to their own stimulus, and DreamDiffusion's
+    n-way top-1 "semantic" accuracy with CLIP's zero-shot concept classifier standing in for
+    the pluggable image classifier -- both beside shuffled pairs."""
+    from finetune.clip_cache import Embedder
+
+    limit = cfg.train.eval_images
+    pictures, ids = [], []
+    for batch, tokens, valid in encoded:
+        n = min(limit - len(ids), len(batch["key"]))
+        if n <= 0:
+            break
+        pictures += head.generate(tokens[:n], valid[:n], num_images=1, seed=0)
+        ids += batch["stimulus_id"][:n]
+    clip_cfg = cfg.data.clip
+    model_name, pretrained = clip_cfg.resolved()
+    embedder = Embedder(model_name, pretrained, str(device), clip_cfg.batch_size)
+    generated = torch.from_numpy(embedder.pictures(pictures))  # [G, Dc]
+    stimulus = pairing.clip.image(ids)  # [G, Dc]
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(3))
+    names, concept_emb = pairing.clip.concepts
+    index = {n: j for j, n in enumerate(names)}
+    labels = torch.tensor([index[c] for c in pairing.clip.concept_of(ids)])
+
+    def classifier(images: torch.Tensor) -> torch.Tensor:  # CLIP zero-shot: [G, concepts]
+        return (100 * images @ concept_emb.T).softmax(-1)
+
+    n_way = min(50, len(names))
+    value = {"clip_similarity": metrics.clip_similarity(generated, stimulus)}
+    control = {"clip_similarity": metrics.clip_similarity(generated, stimulus[perm])}
+    if n_way >= 2:
+        value["semantic_top1"] = metrics.n_way_semantic_accuracy(
+            generated, labels, classifier, n_way=n_way
+        )
+        control["semantic_top1"] = metrics.n_way_semantic_accuracy(
+            generated, labels[perm], classifier, n_way=n_way
+        )
+    return {"images": len(ids), "n_way": n_way, "report": metrics.report(value, control)}
 
 
 def _captions(head, encoded, stimuli, limit: int = 32) -> dict[str, Any]:

@@ -292,3 +292,19 @@ def test_a_missing_stimulus_image_is_refused(world, tmp_path):
         f"data.stimuli.image_root={images}",
     )
     _refused(result, "n02389026_1000", str(images))
+
+
+def test_held_out_scores_stand_beside_shuffled_pair_controls(finetuned):
+    scores = json.loads((finetuned / "eval.json").read_text())
+    expected = {
+        "retrieval": {"top1", "top5", "window_top1", "zero_shot"},
+        "text": {"bleu1", "bleu4", "rougeL"},
+        "image": {"clip_similarity", "semantic_top1"},
+    }
+    for task, names in expected.items():
+        report = scores[task]["report"]
+        assert set(report) == names, (task, sorted(report))
+        for name, row in report.items():
+            assert set(row) == {"value", "control", "margin"}, (task, name, row)
+            assert abs(row["value"] - row["control"] - row["margin"]) < 1e-9, (task, name, row)
+    assert scores["image"]["images"] == 8
