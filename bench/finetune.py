@@ -96,7 +96,7 @@ def eeg_samples(b: int, max_channels: int, seconds: float) -> list[dict[str, Any
     return samples
 
 
-def paired_batch(model, args: argparse.Namespace, device: str) -> dict[str, Any]:
+def paired_batch(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """The reader batch plus what finetune/pairs.py joins to it: CLIP embeddings, captions,
     latents (only the fields the model's heads read)."""
     from finetune.stimuli import parse_synthetic_id, synthetic_captions
@@ -279,7 +279,7 @@ def report(results: list[dict], args: argparse.Namespace, bases: str, load: floa
         f"(pretrain/encoder.py); bases: {bases}; configs/finetune/tiny.yaml otherwise, "
         "uncertainty task weighting.",
         "",
-        "| heads | encoder | trainable: encoder | retrieval | image | text | weighting "
+        "| heads | encoder.train | trainable: encoder | retrieval | image | text | weighting "
         "| trainable total | params total | step ms (min) | samples/s | "
         + ("peak MiB (CUDA allocated) |" if device == "cuda" else "peak MiB (RSS above imports) |"),
         "| --- | --- |" + " ---: |" * 10,
@@ -302,8 +302,8 @@ def report(results: list[dict], args: argparse.Namespace, bases: str, load: floa
         lines += [
             "",
             f"The multitask step (encoder LoRA) takes {1e3 * multi['step_s']:.0f} ms against "
-            f"{1e3 * sum(singles):.0f} ms for the three heads run one by one: the encoder's "
-            "forward and backward are paid once for all heads.",
+            f"{1e3 * sum(singles):.0f} ms for the three heads run one by one, each of which "
+            "pays for the encoder's forward and backward again.",
         ]
     lines += [
         "",
@@ -314,10 +314,10 @@ def report(results: list[dict], args: argparse.Namespace, bases: str, load: floa
     if device != "cuda":
         lines += [
             "",
-            f"1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs. A busy "
-            "shared CPU slows small multi-threaded ops many-fold (median far above min); rerun "
-            "when it is idle. No GPU on this machine: CUDA runs use bf16 autocast and report "
-            "the CUDA allocator's peak.",
+            f"1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, so a busy CPU "
+            "slows a step in proportion rather than many-fold). No GPU on this machine: CUDA "
+            "runs use bf16 autocast and report the CUDA allocator's peak.",
         ]
     return "\n".join(lines)
 
@@ -359,10 +359,13 @@ def main() -> None:
         workdir = Path(tmp)
         built = prepare(workdir, args)
         given = {k: v for k, v in (o.split("=", 1) for o in args.overrides) if k in BASE_KEYS}
-        bases = ", ".join(
-            f"{key.split('.')[0]} "
-            + (f"`{given[key]}`" if key in given else "tiny (finetune/tiny/)")
-            for key in BASE_KEYS
+        bases = (
+            ", ".join(
+                f"{key.split('.')[0]} " + (f"`{given[key]}`" if key in given else "tiny")
+                for key in BASE_KEYS
+            )
+            if given
+            else "tiny random-weight SD and LM (finetune/tiny/)"
         )
         passthrough = [
             f"--{k.replace('_', '-')}={v}"
@@ -370,6 +373,11 @@ def main() -> None:
             if k in ("batch", "channels", "seconds", "steps", "warmup", "encoder", "clip_dim")
         ]
         load = os.getloadavg()[0]
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            # OpenMP threads that spin while waiting make a step on a CPU shared with other
+            # jobs up to 100x slower, at random; threads that sleep make it steady.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         results = []
         for name, tasks, train in CONFIGS:
             proc = subprocess.run(
@@ -386,6 +394,7 @@ def main() -> None:
                 ],
                 capture_output=True,
                 text=True,
+                env=env,
             )
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
