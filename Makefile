@@ -37,7 +37,7 @@ demo: venv
 	$(BIN)/brainmoe finetune --num-gpus 2 --config configs/finetune/tiny.yaml \
 	    data.shards=[$(DEMO)/shards] encoder.model=models:/brainmoe-demo@current \
 	    tracking.tracking_uri=sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db \
-	    $$($(BIN)/python -m finetune.tiny $(DEMO)/bases) \
+	    $$($(BIN)/python -m finetune.tiny $(DEMO)/bases | tail -n 1) \
 	    train.run_dir=$(DEMO)/finetune register.name=brainmoe-demo-heads
 	$(BIN)/brainmoe generate --model models:/brainmoe-demo-heads@current \
 	    --tracking-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db --shards $(DEMO)/shards \

@@ -1,5 +1,6 @@
 """`python -m finetune.tiny OUT`: build every tiny base (CLIP, Stable Diffusion, causal LM) into
-OUT and print the config overrides that point a finetuning run at them (demo, CI, bench)."""
+OUT and print, as the last line, the config overrides that point a finetuning run at them
+(demo, CI, bench; libraries may print warnings before it, hence `| tail -n 1`)."""
 
 from __future__ import annotations
 
