@@ -55,7 +55,10 @@ def add_parsers(subparsers) -> None:
     probe.add_argument("--source", required=True, help="a labelled source spec")
     probe.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (or env)")
     probe.add_argument("--max-windows", type=int, default=2000)
-    probe.add_argument("--seed", type=int, default=0, help="seed of the random-init twin")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the first random-init twin")
+    probe.add_argument(
+        "--random-seeds", type=int, default=3, help="random-init twins averaged (default 3)"
+    )
     probe.add_argument(
         "--pooling",
         choices=("mean", "regions"),
@@ -184,6 +187,7 @@ def _probe(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_windows=args.max_windows,
             pooling=args.pooling,
+            random_seeds=args.random_seeds,
         )
     result["model"] = args.model
     print(format_result(result))

@@ -72,6 +72,11 @@ class MSMConfig:
     spectrum_bands: int = 0
     # weight of the same loss on the visible patches (0: masked patches only, as in MAE)
     visible_weight: float = 0.0
+    # remove each patch's mean log amplitude from the spectral target: its *shape*. The
+    # pre-norm blocks see every token scale-normalised, so a raw-patch encoder can compute
+    # where power sits across frequencies but hardly its absolute level -- and it is the
+    # shape (a beta peak at C3, an alpha bump) that carries most labels
+    spectrum_norm: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -289,7 +294,10 @@ class MaskedSignalModel(nn.Module):
             mse = mse + out["mse_signal"]
         if self.config.target != "signal":
             out["pred_spectrum"] = out_all[..., split:]  # [B, C, P, F]
-            out["target_spectrum"] = log_spectrum(inp.patches, self.config.spectrum_bands)
+            target = log_spectrum(inp.patches, self.config.spectrum_bands)  # [B, C, P, F]
+            if self.config.spectrum_norm:
+                target = target - target.mean(-1, keepdim=True)
+            out["target_spectrum"] = target
             out["mse_spectrum"] = masked_mse(out["pred_spectrum"], out["target_spectrum"])
             weight = self.config.spectrum_weight if self.config.target == "both" else 1.0
             mse = mse + weight * out["mse_spectrum"]

@@ -187,13 +187,25 @@ def probe(
     max_windows: int | None = 2000,
     preprocess_cfg: PreprocessConfig | None = None,
     pooling: str = "mean",
+    random_seeds: int = 3,
 ) -> dict[str, Any]:
-    """Balanced accuracy of the encoder, a random-init twin, and chance, on `spec`."""
+    """Balanced accuracy of the encoder, random-init twins, and chance, on `spec`.
+
+    The random baseline is the mean over `random_seeds` twins (seeds seed, seed+1, ...): one
+    twin's score moves by a few points with its seed, which is the size of effect in question.
+    """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if random_seeds < 1:
+        raise ValueError(f"random_seeds must be at least 1, got {random_seeds}")
     data = load_labelled(spec, preprocess_cfg, max_windows)
-    torch.manual_seed(seed)
-    random_twin = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
+    randoms = []
+    for k in range(random_seeds):
+        torch.manual_seed(seed + k)
+        twin = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
+        randoms.append(
+            balanced_accuracy_cv(features(twin, data, pooling=pooling), data.labels, data.groups)
+        )
     classes = sorted(set(data.labels))
     return {
         "source": spec,
@@ -204,9 +216,8 @@ def probe(
         "pretrained": balanced_accuracy_cv(
             features(encoder, data, pooling=pooling), data.labels, data.groups
         ),
-        "random_init": balanced_accuracy_cv(
-            features(random_twin, data, pooling=pooling), data.labels, data.groups
-        ),
+        "random_init": float(np.mean(randoms)),
+        "random_init_each": randoms,
         "chance": 1.0 / len(classes),
     }
 
@@ -217,5 +228,6 @@ def format_result(result: dict[str, Any]) -> str:
         f"({result['windows']} windows, {result['classes']} classes, cross-validated over "
         f"{result['groups']} subjects/sessions)\n"
         f"  balanced accuracy  pretrained {result['pretrained']:.3f}   "
-        f"random-init {result['random_init']:.3f}   chance {result['chance']:.3f}"
+        f"random-init {result['random_init']:.3f} (mean of "
+        f"{len(result.get('random_init_each', [0]))} seeds)   chance {result['chance']:.3f}"
     )
