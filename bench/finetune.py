@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
+from bench.timing import timed_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs/finetune/tiny.yaml"
@@ -203,16 +203,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         loss = float(step())
         if not np.isfinite(loss):
             raise RuntimeError(f"{name} ({train}): non-finite loss {loss} in warm-up")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []  # per step; the median resists the noise of a shared CPU
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = timed_steps(step, args.steps, device)
     wall = statistics.median(times)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20

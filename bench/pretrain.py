@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
+from bench.timing import timed_steps  # noqa: E402
 from pretrain.encoder import EncoderConfig, dense_variant  # noqa: E402
 from pretrain.moe import MoE, SwiGLU  # noqa: E402
 from pretrain.msm import MaskedSignalModel, MSMConfig  # noqa: E402
@@ -86,16 +87,7 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
 
     for _ in range(args.warmup):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []  # per step; the median resists the noise of a shared CPU
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = timed_steps(step, args.steps, device)
     wall = statistics.median(times)
     seq = args.channels * round(args.seconds / enc.patch_seconds)
     tokens = args.batch * seq

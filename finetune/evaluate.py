@@ -78,7 +78,8 @@ def _retrieval(head, encoded, pairing) -> dict[str, Any]:
     # window, but many more trials than stimuli, so a steadier estimate
     windows = torch.cat(window_emb)  # [W, Dc]
     window_ids = [sid for batch, _, _ in encoded for sid in batch["stimulus_id"]]
-    own = torch.tensor([ids.index(s) for s in window_ids])
+    row = {sid: n for n, sid in enumerate(ids)}
+    own = torch.tensor([row[s] for s in window_ids])
     ranked = (windows @ stim.T).argmax(1)
     value["window_top1"] = float((ranked == own).float().mean())
     shuffled_own = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(2))]

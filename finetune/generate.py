@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ def load_finetuned(
             f"fingerprint {found} (the alias moved?); use the encoder version it was trained on"
         )
     cfg = load_config(FinetuneConfig, None, [], **_config_values(meta["config"]))
-    cfg = replace(cfg, tasks=list(meta["tasks"]))
     clip_dim = int(meta["clip_dim"])
     model = build_model(cfg, encoder_dir, clip_dim)
     model.load_adapters(folder)

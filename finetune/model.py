@@ -91,10 +91,11 @@ class MultiTaskModel(nn.Module):
     # ---- what is saved -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Tensor]:
         """Encoder adapters/blocks and the weighting (the heads save their own formats)."""
+        trained = {k for k, p in self.encoder.named_parameters() if p.requires_grad}
         state = {
             f"encoder.{k}": v
             for k, v in self.encoder.state_dict().items()
-            if _trains(self.encoder, k)
+            if k in trained or "lora_" in k
         }
         state.update({f"weighting.{k}": v for k, v in self.weighting.state_dict().items()})
         return state
@@ -130,8 +131,3 @@ class MultiTaskModel(nn.Module):
             if not (folder / name).is_dir():
                 raise ValueError(f"{folder} has no adapter for the {name!r} head")
             head.load_adapter(folder / name)
-
-
-def _trains(module: nn.Module, key: str) -> bool:
-    params = dict(module.named_parameters())
-    return key in params and params[key].requires_grad or "lora_" in key

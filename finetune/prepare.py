@@ -19,7 +19,7 @@ from finetune.config import ENCODER_TRAINING, TASKS, FinetuneConfig
 from finetune.splits import Split, index_shards, make_split
 from finetune.stimuli import StimulusSet, load_captions, stimuli_for
 from pretrain.config import validate_run
-from pretrain.tracking import resolve_model, tracking_uri
+from pretrain.tracking import resolve_model
 
 
 @dataclass
@@ -75,14 +75,12 @@ def validate_finetune(cfg: FinetuneConfig, world_size: int | None) -> None:
 
 
 def resolve_encoder(cfg: FinetuneConfig, dst: Path) -> Path:
-    uri = tracking_uri(cfg.tracking, cfg.run_path) if cfg.tracking.enabled else None
-    if cfg.encoder.model.startswith("models:/"):
-        if cfg.tracking.tracking_uri is None:
-            raise ValueError(
-                f"encoder.model={cfg.encoder.model} is a registry URI: set tracking.tracking_uri to the "
-                "store it was registered in (e.g. sqlite:///runs/pretrain/mlflow.db)"
-            )
-        uri = cfg.tracking.tracking_uri
+    uri = cfg.tracking.tracking_uri  # the store the encoder was registered in
+    if cfg.encoder.model.startswith("models:/") and uri is None:
+        raise ValueError(
+            f"encoder.model={cfg.encoder.model} is a registry URI: set tracking.tracking_uri "
+            "to the store it was registered in (e.g. sqlite:///runs/pretrain/mlflow.db)"
+        )
     folder = resolve_model(cfg.encoder.model, uri, dst)
     if not (folder / "model.safetensors").is_file():
         raise ValueError(

@@ -175,7 +175,9 @@ class FinetuneTrainer(Trainer):
                 tracker.log_artifact(plots, "plots")
             result["eval"] = scores
             if self.cfg.register.name:
-                result["registered"] = self.register(out)
+                from finetune.registry import register_adapters
+
+                result["registered"] = self.register_output(register_adapters, out)
         model.train()
         return result
 
@@ -192,19 +194,6 @@ class FinetuneTrainer(Trainer):
         torch.save(
             {"keys": keys, **reference_outputs(model, batch)}, self.run_dir / "reference_output.pt"
         )
-
-    def register(self, folder: Path) -> dict[str, Any]:
-        from finetune.registry import register_adapters
-
-        info = register_adapters(
-            folder,
-            self.cfg.register.name,
-            self.cfg.register.alias,
-            self.tracking_uri,
-            experiment=self.cfg.tracking.experiment,
-        )
-        log(f"registered {info['name']} version {info['version']} as @{info['alias']}")
-        return info
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from pretrain.config import PretrainConfig
 from pretrain.model import build_model, encoder_config, validate_config
 from pretrain.tracking import Tracker
-from pretrain.trainer import Trainer, log
+from pretrain.trainer import Trainer
 from shards.reader import ReaderConfig, make_loader
 
 
@@ -93,12 +93,4 @@ class MSMTrainer(Trainer):
 
         out = self.run_dir / "encoder"
         export_checkpoint(self.ckpt_dir, out)
-        info = register_export(
-            out,
-            self.cfg.register.name,
-            self.cfg.register.alias,
-            self.tracking_uri,
-            experiment=self.cfg.tracking.experiment,
-        )
-        log(f"registered {info['name']} version {info['version']} as @{info['alias']}")
-        return info
+        return self.register_output(register_export, out)

@@ -100,6 +100,18 @@ class Trainer:
         """After the last step: plots, exports, registration (every rank enters)."""
         return {"step": self.state.step, "run_dir": str(self.run_dir)}
 
+    def register_output(self, register: Callable[..., dict[str, Any]], folder: Path) -> dict:
+        """`register(folder, name, alias, uri, experiment=)` as configured, in this run's store."""
+        info = register(
+            folder,
+            self.cfg.register.name,
+            self.cfg.register.alias,
+            self.tracking_uri,
+            experiment=self.cfg.tracking.experiment,
+        )
+        log(f"registered {info['name']} version {info['version']} as @{info['alias']}")
+        return info
+
     # ---- set-up -------------------------------------------------------------------------
     def __init__(self, cfg: Any):
         import deepspeed
