@@ -68,6 +68,34 @@ def add_parsers(subparsers) -> None:
     probe.add_argument("--json", help="also write the result to this JSON file")
     probe.set_defaults(func=_probe)
 
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a pretrained encoder against classical baselines"
+    )
+    kinds = evaluate.add_subparsers(dest="evaluation", required=True)
+    from pretrain import reconstruction
+
+    rec = kinds.add_parser(
+        "reconstruction",
+        help="hidden-patch reconstruction vs spherical splines, nearest channel, linear, zero",
+        description=reconstruction.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reconstruction.add_arguments(rec)
+    rec.set_defaults(func=reconstruction.run)
+    try:
+        from pretrain import moabb_eval
+    except ImportError:  # pragma: no cover - optional until its dependencies are installed
+        moabb_eval = None
+    if moabb_eval is not None:
+        moabb = kinds.add_parser(
+            "moabb",
+            help="MOABB's own evaluations: brainmoe features vs random init, CSP+LDA, TS+LR",
+            description=moabb_eval.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        moabb_eval.add_arguments(moabb)
+        moabb.set_defaults(func=moabb_eval.run)
+
 
 def free_port() -> int:
     with socket.socket() as sock:

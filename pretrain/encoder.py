@@ -47,6 +47,7 @@ from pretrain.spectral import log_spectrum
 UNKNOWN_CHANNEL = "<unk>"
 FORMAT_VERSION = 1
 HEAD_RADIUS_M = 0.1  # positions are divided by this before the Fourier features
+INPUT_NORMS = ("fixed", "window")
 
 
 @dataclass
@@ -57,6 +58,12 @@ class EncoderConfig:
     sfreq: float = 200.0  # model sampling rate (Hz); inputs are resampled to it
     patch_seconds: float = 1.0  # patch length; L = round(patch_seconds * sfreq)
     input_scale_uv: float = 100.0  # inputs in uV are divided by this
+    # "fixed": only the division above (amplitude reaches the model as it is); "window": then
+    # each window is divided by one robust std of the samples the encoder may see (its visible
+    # patches), clipped at +-norm_clip, and log(scale) enters every token as an embedding --
+    # one loud recording no longer dominates, and nothing hidden leaks through the scale
+    input_norm: str = "fixed"
+    norm_clip: float = 8.0
     # > 0: add an embedding of the patch's log power in this many bands (CBraMod-style);
     # the pre-norm blocks normalise each token, which hides amplitude from a linear patch
     # embedding alone, and band power is where most EEG labels live
@@ -67,6 +74,10 @@ class EncoderConfig:
     heads: int = 4
     ffn_hidden: int = 512  # H of each routed/shared expert, or of the MLP when n_experts == 0
     qk_norm: bool = True  # LayerNorm on queries/keys: keeps attention logits bounded at scale
+    # attention logits biased by -slope_h * electrode distance (ALiBi over the scalp, one
+    # slope per head from local to global): volume conduction makes near channels redundant,
+    # and the bias lets a head find them from the first step
+    spatial_bias: bool = False
     dropout: float = 0.0
     # Mixture of experts (n_experts == 0: dense SwiGLU MLP of width ffn_hidden).
     n_experts: int = 8  # E
@@ -95,6 +106,10 @@ class EncoderConfig:
             raise ValueError(f"expert_backend must be one of {BACKENDS}")
         if self.patch_len < 1:
             raise ValueError("patch_seconds * sfreq must be at least one sample")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if self.norm_clip <= 0:
+            raise ValueError(f"norm_clip must be positive, got {self.norm_clip}")
         if not 0 <= self.spectral_bands <= self.patch_len // 2:
             raise ValueError(
                 f"spectral_bands must be in [0, {self.patch_len // 2}] (patch of "
@@ -305,15 +320,23 @@ class EncoderInput:
 
 @dataclass
 class EncoderOutput:
-    tokens: Tensor  # [B, C*P, D], channel-major (token c*P + p)
-    valid: Tensor  # [B, C*P] bool
+    tokens: Tensor  # [B, C*P, D], channel-major (token c*P + p); [B, Nk, D] with `keep`
+    valid: Tensor  # [B, C*P] bool; [B, Nk] with `keep`
     n_channels: int  # C
     n_patches: int  # P
     aux_loss: Tensor  # [] float32 (0 unless aux_loss_coef > 0)
     expert_counts: Tensor  # [L_moe, E] assignments per expert and MoE layer; [0, 0] if dense
+    # [B, Nk] long: flat token index (c*P + p) of each kept token; None when all were encoded
+    index: Tensor | None = None
+    # [B] float32: what each window was divided by after input_scale_uv (1 with "fixed")
+    scale: Tensor | None = None
+    # [B, C, P, L] float32: the patches as the encoder read them (normalised, clipped)
+    patches: Tensor | None = None
 
     def grid(self) -> Tensor:
-        """Tokens as `[B, C, P, D]`."""
+        """Tokens as `[B, C, P, D]` (every token encoded: no `keep`)."""
+        if self.index is not None:
+            raise ValueError("grid() needs every token; this output holds only the kept ones")
         b, _, d = self.tokens.shape
         return self.tokens.view(b, self.n_channels, self.n_patches, d)
 
@@ -452,6 +475,15 @@ class Encoder(nn.Module):
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(d)
+        self.scale_embed = nn.Linear(1, d) if config.input_norm == "window" else None
+        if self.scale_embed is not None:
+            nn.init.trunc_normal_(self.scale_embed.weight, std=0.02)
+            nn.init.zeros_(self.scale_embed.bias)
+        self.spatial_slope = None
+        if config.spatial_bias:
+            # softplus^-1 of slopes spread from 0.25 to 4 per head radius: local .. global heads
+            slopes = torch.logspace(math.log10(0.25), math.log10(4.0), config.heads)
+            self.spatial_slope = nn.Parameter(torch.log(torch.expm1(slopes)))
         # patch_embed keeps PyTorch's fan-in init (std ~ 1/sqrt(L)): the signal enters at unit
         # scale, above the 0.02-scale channel and time embeddings.
         nn.init.trunc_normal_(self.channel_embed.weight, std=0.02)
@@ -529,46 +561,112 @@ class Encoder(nn.Module):
         eeg, time_mask = eeg[..., : p * length], time_mask[:, : p * length]
         real = channel_mask[:, :, None] & time_mask[:, None, :]
         eeg = torch.where(real, eeg, torch.zeros_like(eeg)) / cfg.input_scale_uv
-        patches = eeg.view(b, c, p, length)  # [B, C, P, L]
+        patches = eeg.reshape(b, c, p, length)  # [B, C, P, L]
         patch_ok = time_mask.view(b, p, length).all(-1)  # [B, P]
         valid = channel_mask[:, :, None] & patch_ok[:, None, :]  # [B, C, P]
         return EncoderInput(patches, valid, ids, pos, known)
 
     # ---- transformer ---------------------------------------------------------------------
 
-    def encode(
-        self,
-        inp: EncoderInput,
-        token_mask: Tensor | None = None,
-        mask_token: Tensor | None = None,
-    ) -> EncoderOutput:
-        """Tokens for a prepared input. ``token_mask [B, C, P]`` (True = hide) replaces those
-        patch embeddings by ``mask_token [D]`` (BERT-style masked modelling); channel and time
-        embeddings are still added, so the model knows where the hidden patch sits."""
-        cfg = self.config
-        b, c, p, _ = inp.patches.shape
-        dtype = self.patch_embed.weight.dtype
-        x = self.patch_embed(inp.patches.to(dtype))  # [B, C, P, D]
-        if self.spectral_embed is not None:
-            power = log_spectrum(inp.patches, cfg.spectral_bands)  # [B, C, P, bands]
-            power = power.masked_fill(~inp.valid[..., None], 0.0)
-            x = x + self.spectral_embed(power.to(dtype))
-        if token_mask is not None:
-            x = torch.where(token_mask[..., None], mask_token.to(x.dtype), x)
+    def normalize(self, inp: EncoderInput, visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> (patches as the blocks read them `[B, C, P, L]`, scale `[B]`).
 
+        With ``input_norm="window"`` each window is divided by a robust std (1.4826 x the
+        median absolute deviation from each patch's mean) of its ``visible [B, C, P]``
+        patches only -- the encoder may not learn the scale from what it has to predict --
+        and clipped at +-``norm_clip``. "fixed" returns the patches and ones.
+        """
+        cfg = self.config
+        patches = inp.patches.float()
+        b = patches.shape[0]
+        if cfg.input_norm == "fixed":
+            return patches, patches.new_ones(b)
+        visible = inp.valid if visible is None else visible & inp.valid
+        centred = (patches - patches.mean(-1, keepdim=True)).abs()
+        centred = centred.masked_fill(~visible[..., None], float("nan")).reshape(b, -1)
+        scale = torch.nanmedian(centred, dim=1).values * 1.4826  # [B]; NaN if nothing visible
+        scale = torch.nan_to_num(scale, nan=1.0).clamp_min(1e-3)
+        out = (patches / scale[:, None, None, None]).clamp(-cfg.norm_clip, cfg.norm_clip)
+        return out * inp.valid[..., None], scale
+
+    def position_embeddings(self, inp: EncoderInput) -> Tensor:
+        """Where each token sits: channel (name + position) + time embedding `[B, C, P, D]`."""
+        cfg = self.config
+        p = inp.patches.shape[2]
+        dtype = self.patch_embed.weight.dtype
         ids = inp.ch_ids
         if self.training and cfg.channel_name_dropout > 0:
             drop = torch.rand(ids.shape, device=ids.device) < cfg.channel_name_dropout
             ids = ids.masked_fill(drop, 0)
         chan = self.channel_embed(ids) + self.position_embed(inp.ch_pos, inp.pos_known)  # [B,C,D]
-        time = self.time_embed(sinusoid(p, cfg.dim, x.device).to(dtype))  # [P, D]
-        x = x + chan[:, :, None, :] + time[None, None]
+        time = self.time_embed(sinusoid(p, cfg.dim, ids.device).to(dtype))  # [P, D]
+        return chan[:, :, None, :] + time[None, None]
+
+    def spatial_bias(self, pos: Tensor, known: Tensor) -> Tensor:
+        """Token positions `[B, N, 3]` (m) and `known [B, N]` -> logit bias `[B, h, N, N]`:
+        -slope_h x distance in head radii; 0 for a pair with an unknown position."""
+        dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M  # [B, N, N]
+        both = known[:, :, None] & known[:, None, :]
+        dist = dist * both
+        slopes = F.softplus(self.spatial_slope.float())  # [h]
+        return -slopes[None, :, None, None] * dist[:, None]
+
+    def encode(
+        self,
+        inp: EncoderInput,
+        token_mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+        keep: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Tokens for a prepared input.
+
+        ``keep [B, C, P]`` (MAE): only those (valid) tokens are encoded; the output holds
+        them packed to the batch's largest count, with ``index`` saying where each came from,
+        and the input scale is taken from them alone. ``token_mask [B, C, P]`` (True = hide,
+        BERT-style) instead replaces those patch embeddings by ``mask_token [D]``; channel
+        and time embeddings are still added, so the model knows where the hidden patch sits.
+        """
+        cfg = self.config
+        b, c, p, _ = inp.patches.shape
+        dtype = self.patch_embed.weight.dtype
+        seen = inp.valid if keep is None else keep & inp.valid
+        if token_mask is not None:
+            seen = seen & ~token_mask
+        patches, scale = self.normalize(inp, seen)
+        x = self.patch_embed(patches.to(dtype))  # [B, C, P, D]
+        if self.spectral_embed is not None:
+            power = log_spectrum(patches, cfg.spectral_bands)  # [B, C, P, bands]
+            power = power.masked_fill(~inp.valid[..., None], 0.0)
+            x = x + self.spectral_embed(power.to(dtype))
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], mask_token.to(x.dtype), x)
+        if self.scale_embed is not None:
+            log_scale = torch.log(scale * cfg.input_scale_uv / 10.0)  # ~0 for a 10 uV window
+            x = x + self.scale_embed(log_scale[:, None].to(dtype))[:, None, None, :]
+        x = x + self.position_embeddings(inp)
         x = x.reshape(b, c * p, cfg.dim)  # [B, N, D]
         valid = inp.valid.reshape(b, c * p)  # [B, N]
+        tok_pos = inp.ch_pos[:, :, None, :].expand(b, c, p, 3).reshape(b, c * p, 3)
+        tok_known = inp.pos_known[:, :, None].expand(b, c, p).reshape(b, c * p)
+        index = None
+        if keep is not None:
+            flat_keep = (keep & inp.valid).reshape(b, c * p)
+            n_keep = int(flat_keep.sum(1).max().clamp_min(1))
+            # kept tokens first, in token order (stable sort), then the rest as padding
+            index = torch.sort((~flat_keep).to(torch.uint8), dim=1, stable=True).indices
+            index = index[:, :n_keep]  # [B, Nk]
+            valid = flat_keep.gather(1, index)
+            x = x.gather(1, index[..., None].expand(b, n_keep, cfg.dim))
+            x = x * valid[..., None].to(x.dtype)  # padding slots carry nothing of hidden patches
+            tok_pos = tok_pos.gather(1, index[..., None].expand(b, n_keep, 3))
+            tok_known = tok_known.gather(1, index)
         # A sample with no valid token attends to everything (finite garbage, masked later)
         # instead of to nothing (NaN through softmax).
         keys = valid | ~valid.any(1, keepdim=True)
         attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
+        if cfg.spatial_bias:
+            bias = self.spatial_bias(tok_pos, tok_known)  # [B, h, N, N]
+            attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(dtype)
 
         aux = x.new_zeros((), dtype=torch.float32)
         counts = []
@@ -588,7 +686,7 @@ class Encoder(nn.Module):
             torch.stack(counts) if counts else torch.zeros(0, 0, dtype=torch.long, device=x.device)
         )
         self.last_expert_counts = expert_counts
-        return EncoderOutput(x, valid, c, p, aux, expert_counts)
+        return EncoderOutput(x, valid, c, p, aux, expert_counts, index, scale, patches)
 
     def forward(
         self,

@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.encoder import (
+    HEAD_RADIUS_M,
     Block,
     Encoder,
     EncoderConfig,
@@ -47,11 +49,13 @@ from pretrain.encoder import (
     get_config,
     strict_from_dict,
 )
+from pretrain.mixing import SpatialMix, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
 from pretrain.spectral import log_spectrum
 
 MASK_MODES = ("random", "time_block", "mixed")
 TARGETS = ("signal", "spectrum", "both")
+ENCODER_INPUTS = ("all", "visible")
 
 
 @dataclass
@@ -77,6 +81,15 @@ class MSMConfig:
     # where power sits across frequencies but hardly its absolute level -- and it is the
     # shape (a beta peak at C3, an alpha bump) that carries most labels
     spectrum_norm: bool = False
+    # "all": hidden patches enter the encoder as a mask token (BERT); "visible": they are
+    # dropped before it and re-inserted at the decoder (MAE): the encoder computes on ~40%
+    # of the tokens, and routing statistics describe real patches only
+    encoder_input: str = "all"
+    # remove each patch's mean from target and prediction: the 0.5 Hz high-pass leaves
+    # per-second offsets that nothing can predict and that would dominate the loss
+    center_patches: bool = False
+    mix_heads: int = 0  # > 0: SpatialMix heads (pretrain/mixing.py) in the decoder
+    time_mix: bool = False  # TimeMix (previous/next visible patch of the same channel)
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -95,6 +108,14 @@ class MSMConfig:
             raise ValueError("block_patches must be >= 1")
         if self.decoder_dim_resolved % self.decoder_heads:
             raise ValueError("decoder width must be divisible by decoder_heads")
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ValueError(
+                f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}"
+            )
+        if self.mix_heads < 0:
+            raise ValueError(f"mix_heads must be >= 0, got {self.mix_heads}")
+        if (self.mix_heads or self.time_mix) and self.target == "spectrum":
+            raise ValueError("mix_heads/time_mix predict samples: they need target signal or both")
 
     @property
     def n_freqs(self) -> int:
@@ -195,9 +216,15 @@ class Decoder(nn.Module):
     """Encoder tokens `[B, N, D]` -> predictions of every patch `[B, N, out_dim]` (dense,
     narrow)."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, patch_len: int):
+    def __init__(
+        self, in_dim: int, dim: int, depth: int, heads: int, patch_len: int, spatial: bool = False
+    ):
         super().__init__()
         out_std = 0.02 / math.sqrt(2 * max(depth, 1))
+        self.spatial_slope = None
+        if spatial:  # as the encoder's: softplus^-1 of slopes 0.25 .. 4 per head radius
+            slopes = torch.logspace(math.log10(0.25), math.log10(4.0), heads)
+            self.spatial_slope = nn.Parameter(torch.log(torch.expm1(slopes)))
         self.proj = nn.Linear(in_dim, dim)
         self.blocks = nn.ModuleList(
             Block(dim, heads, SwiGLU(dim, 2 * dim, out_std), True, 0.0, out_std)
@@ -209,13 +236,29 @@ class Decoder(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, tokens: Tensor, valid: Tensor) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        valid: Tensor,
+        pos: Tensor | None = None,
+        known: Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """`tokens [B, N, in_dim]`, `valid [B, N]` (token positions `pos [B, N, 3]`, `known
+        [B, N]` for the spatial bias) -> `[B, N, out]` (and the hidden states `[B, N, d]`)."""
         keys = valid | ~valid.any(1, keepdim=True)
         attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
         x = self.proj(tokens)
+        if self.spatial_slope is not None and pos is not None:
+            dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M
+            dist = dist * (known[:, :, None] & known[:, None, :])
+            bias = -F.softplus(self.spatial_slope.float())[None, :, None, None] * dist[:, None]
+            attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(x.dtype)
         for block in self.blocks:
             x = block(x, attn_mask, valid)[0]
-        return self.head(self.norm(x))
+        hidden = self.norm(x)
+        out = self.head(hidden)
+        return (out, hidden) if return_hidden else out
 
 
 class MaskedSignalModel(nn.Module):
@@ -235,20 +278,62 @@ class MaskedSignalModel(nn.Module):
             config.decoder_depth,
             config.decoder_heads,
             config.out_dim,
+            spatial=enc.spatial_bias,
         )
+        d = config.decoder_dim_resolved
+        self.spatial_mix = SpatialMix(d, config.mix_heads) if config.mix_heads else None
+        self.time_mix = TimeMix(d, enc.patch_len) if config.time_mix else None
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
         return make_mask(valid, cfg.mask_ratio, cfg.mask_mode, cfg.block_patches, generator)
 
-    def target(self, inp: EncoderInput) -> Tensor:
-        """Patch samples to reconstruct `[B, C, P, L]` float32."""
-        target = inp.patches.float()
+    def target(self, patches: Tensor) -> Tensor:
+        """Patch samples to reconstruct `[B, C, P, L]` float32, from the patches the encoder
+        read (in its units: after ``input_scale_uv`` and any window normalisation)."""
+        target = patches.float()
+        if self.config.center_patches or self.config.norm_target:
+            target = target - target.mean(-1, keepdim=True)
         if self.config.norm_target:
-            mean = target.mean(-1, keepdim=True)
             var = target.var(-1, keepdim=True, unbiased=False)
-            target = (target - mean) / torch.sqrt(var + 1e-6)
+            target = target / torch.sqrt(var + 1e-6)
         return target
+
+    def decode(self, inp: EncoderInput, mask: Tensor):
+        """Encode what is visible, decode every patch -> (encoder output, predictions
+        `[B, C, P, out_dim]` float32, sample predictions of the mixing paths or None)."""
+        b, c, p, _ = inp.patches.shape
+        n = c * p
+        visible = inp.valid & ~mask
+        tok_pos = inp.ch_pos[:, :, None, :].expand(b, c, p, 3).reshape(b, n, 3)
+        tok_known = inp.pos_known[:, :, None].expand(b, c, p).reshape(b, n)
+        if self.config.encoder_input == "visible":
+            enc = self.encoder.encode(inp, keep=visible)
+            d = enc.tokens.shape[-1]
+            full = self.mask_token.to(enc.tokens.dtype).expand(b, n, d).clone()
+            src = torch.where(
+                enc.valid[..., None],
+                enc.tokens,
+                full.gather(1, enc.index[..., None].expand(-1, -1, d)),
+            )
+            full = full.scatter(1, enc.index[..., None].expand(-1, -1, d), src)
+            full = full + self.encoder.position_embeddings(inp).reshape(b, n, d)
+            tokens, valid = full, inp.valid.reshape(b, n)
+        else:
+            enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
+            tokens, valid = enc.tokens, enc.valid
+        out, hidden = self.decoder(tokens, valid, tok_pos, tok_known, return_hidden=True)
+        out = out.view(b, c, p, -1).float()
+        mixed = None
+        if self.spatial_mix is not None or self.time_mix is not None:
+            h = hidden.view(b, c, p, -1)
+            raw = self.target(enc.patches) if self.config.center_patches else enc.patches
+            mixed = torch.zeros_like(raw, dtype=torch.float32)
+            if self.spatial_mix is not None:
+                mixed = mixed + self.spatial_mix(h, raw, visible, inp.ch_pos, inp.pos_known)
+            if self.time_mix is not None:
+                mixed = mixed + self.time_mix(h, raw, visible)
+        return enc, out, mixed
 
     def forward(
         self,
@@ -260,19 +345,19 @@ class MaskedSignalModel(nn.Module):
         valid patches; ``mse_signal`` + weight x ``mse_spectrum`` as configured), ``aux_loss``,
         ``pred``/``target`` `[B, C, P, L]` (``pred_spectrum``/``target_spectrum``
         `[B, C, P, F]` with a spectral target), ``mask``/``valid``
-        `[B, C, P]`, ``n_masked``, and for MoE encoders ``expert_counts`` `[L_moe, E]` and
-        ``expert_imbalance`` `[L_moe]` (max/mean load) of this forward.
+        `[B, C, P]`, ``n_masked``, ``scale`` `[B]` (pred x scale x input_scale_uv = uV),
+        and for MoE encoders ``expert_counts`` `[L_moe, E]` and ``expert_imbalance``
+        `[L_moe]` (max/mean load) of this forward.
 
         ``mask`` (True = hide) overrides the sampled mask; it is intersected with validity.
         """
         inp = self.encoder.prepare(batch)
-        b, c, p, length = inp.patches.shape
+        length = inp.patches.shape[-1]
         if mask is None:
             mask = self.make_mask(inp.valid, generator)
         else:
             mask = mask.to(inp.valid.device, torch.bool) & inp.valid
-        enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
-        out_all = self.decoder(enc.tokens, enc.valid).view(b, c, p, -1).float()
+        enc, out_all, mixed = self.decode(inp, mask)
         n_masked = mask.sum()
 
         visible = inp.valid & ~mask
@@ -289,12 +374,17 @@ class MaskedSignalModel(nn.Module):
         mse = out_all.new_zeros(())
         split = length if self.config.target != "spectrum" else 0
         if self.config.target != "spectrum":
-            out["pred"], out["target"] = out_all[..., :split], self.target(inp)
+            pred = out_all[..., :split]
+            if mixed is not None:
+                pred = pred + mixed
+            if self.config.center_patches:
+                pred = pred - pred.mean(-1, keepdim=True)
+            out["pred"], out["target"] = pred, self.target(enc.patches)
             out["mse_signal"] = masked_mse(out["pred"], out["target"])
             mse = mse + out["mse_signal"]
         if self.config.target != "signal":
             out["pred_spectrum"] = out_all[..., split:]  # [B, C, P, F]
-            target = log_spectrum(inp.patches, self.config.spectrum_bands)  # [B, C, P, F]
+            target = log_spectrum(enc.patches, self.config.spectrum_bands)  # [B, C, P, F]
             if self.config.spectrum_norm:
                 target = target - target.mean(-1, keepdim=True)
             out["target_spectrum"] = target
@@ -310,6 +400,7 @@ class MaskedSignalModel(nn.Module):
             mask=mask,
             valid=inp.valid,
             n_masked=n_masked,
+            scale=enc.scale,
         )
         if enc.expert_counts.numel():
             out["expert_counts"] = enc.expert_counts
@@ -319,5 +410,6 @@ class MaskedSignalModel(nn.Module):
     def num_parameters(self) -> dict[str, int]:
         """Encoder counts (what is kept after pretraining) plus the decoder side."""
         enc = self.encoder.num_parameters()
-        extra = sum(p.numel() for p in self.decoder.parameters()) + self.mask_token.numel()
+        enc_ids = {id(p) for p in self.encoder.parameters()}
+        extra = sum(p.numel() for p in self.parameters() if id(p) not in enc_ids)
         return {**enc, "decoder": extra}
