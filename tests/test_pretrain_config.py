@@ -121,3 +121,23 @@ def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
 def test_multi_node_needs_a_hostfile(capsys):
     assert brainmoe(["pretrain", "--num-nodes", "2", "--config", TINY]) == 2
     assert "--num-nodes > 1 needs --hostfile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs/pretrain").glob("*.yaml")))
+def test_every_named_recipe_builds(name, corpus, tmp_path):
+    """Each size's recipe (the GPU ones included) is a valid run config whose model builds;
+    on the meta device, so `large` costs no memory."""
+    import torch
+
+    from pretrain.model import msm_config, validate_config
+    from pretrain.msm import MaskedSignalModel
+
+    cfg = load_config(
+        PretrainConfig,
+        str(REPO / f"configs/pretrain/{name}.yaml"),
+        [f"data.shards=[{corpus}]", f"train.run_dir={tmp_path / 'run'}"],
+    )
+    validate_config(cfg, world_size=None)
+    with torch.device("meta"):
+        model = MaskedSignalModel(msm_config(cfg))
+    assert model.num_parameters()["total"] > 0
