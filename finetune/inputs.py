@@ -79,7 +79,7 @@ def windows_from_shards(folders: list[str], keys: list[str]) -> list[dict[str, A
 
 
 def _uncollate(batch: dict[str, Any]) -> dict[str, Any]:
-    c = int(batch["channel_mask"][0].sum())
+    c = len(batch["ch_names"][0])  # not channel_mask: flagged bad channels are False there
     t = int(batch["time_mask"][0].sum())
     return {
         "key": batch["key"][0],

@@ -141,6 +141,7 @@ def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -
                 "windows": len(processed.windows),
                 "rejected_windows": dict(sorted(processed.rejected.items())),
                 "dropped_channels": processed.dropped_channels,
+                "bad_channels": processed.bad_channels,
                 "notes": processed.notes,
             }
             report["recordings"].append(entry)
@@ -163,6 +164,8 @@ def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -
                     "ch_names": ch.names,
                     "ch_known": ch.known,
                     "ch_pos": positions,
+                    # kept in eeg.npy, but broken for the whole recording: the reader masks them
+                    "bad_channels": [n for n in ch.names if n in processed.bad_channels],
                     "layout": ch.layout,
                     "sfreq": processed.sfreq,
                     "unit": "uV",

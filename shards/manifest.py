@@ -1,7 +1,8 @@
 """What a build directory holds, and checking it: the manifest is the corpus' ledger.
 
 DIR/manifest.json   every shard (samples, bytes, sha256) and every input recording
-                    (windows written, or rejected with the reason), totals, config
+                    (windows written, or rejected with the reason; dropped and flagged
+                    bad channels), totals, config
 DIR/sizes.json      {shard name: samples}, as open_clip's reader expects
 DIR/build.json      the settings the shards were written with
 DIR/units/*.json    one report per work unit (the resume records)

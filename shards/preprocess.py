@@ -5,7 +5,9 @@ pick scalp EEG, canonical names and positions, units to uV, band-pass and notch 
 resample (scipy's polyphase), cut windows, and reject bad windows *with the reason* so the
 manifest can say what was thrown away and why. Whole channels that are unusable (flat,
 all-NaN, not EEG) are dropped rather than rejecting every window; every other channel
-survives to the shard -- nothing is padded to a fixed montage.
+survives to the shard -- nothing is padded to a fixed montage. Channels that carry a signal
+but a broken one (shards/bad_channels.py) are kept and *flagged* per recording: the reader
+masks them out, and window rejection ignores them so one bad electrode cannot cost windows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 import scipy.signal
 
+from shards.bad_channels import MODES as BAD_CHANNEL_MODES
+from shards.bad_channels import flag_bad_channels
 from shards.channels import ChannelInfo, canonicalize, is_non_eeg
 from shards.recording import Recording
 
@@ -45,6 +49,11 @@ class PreprocessConfig:
     flat_uv: float = 0.1
     clip_fraction: float = 0.01
     min_channels: int = 1
+    # "flag": broken channels are marked per recording (kept, masked by the reader);
+    # "keep": nothing is flagged. Thresholds: robust z-score, and where "high frequency" starts.
+    bad_channels: str = "flag"
+    bad_z: float = 5.0
+    bad_hf_hz: float = 30.0
 
     def validate(self) -> None:
         if self.sfreq <= 0:
@@ -65,6 +74,15 @@ class PreprocessConfig:
             )
         if round(self.window_s * self.sfreq) < 2:
             raise ValueError("preprocess.window_s is shorter than two samples at preprocess.sfreq")
+        if self.bad_channels not in BAD_CHANNEL_MODES:
+            raise ValueError(
+                f"preprocess.bad_channels must be one of {BAD_CHANNEL_MODES}, "
+                f"got {self.bad_channels!r}"
+            )
+        if self.bad_z <= 0 or self.bad_hf_hz <= 0:
+            raise ValueError(
+                f"preprocess.bad_z and bad_hf_hz must be positive, got {self.bad_z}/{self.bad_hf_hz}"
+            )
 
 
 @dataclass
@@ -92,6 +110,8 @@ class Processed:
     dropped_channels: dict[str, str]
     notes: dict[str, Any]
     rejected_reason: str | None = None
+    # {canonical name: reason} of channels kept in the windows but broken (bad_channels.py)
+    bad_channels: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_candidates(self) -> int:
@@ -158,15 +178,20 @@ def preprocess(rec: Recording, cfg: PreprocessConfig) -> Processed:
     data = data[..., keep, :] * factor
 
     if rec.epoched:
-        windows, rejected = _trials(rec, data, cfg, notes)
+        windows, rejected, bad = _trials(rec, data, cfg, notes, channels.names)
     else:
         span = round(cfg.window_s * rec.sfreq)
         if data.shape[-1] < span:
             return reject(
                 f"shorter than one window ({data.shape[-1] / rec.sfreq:.2f} s < {cfg.window_s} s)"
             )
-        windows, rejected = _continuous(rec, data, cfg, notes)
-    return Processed(channels, cfg.sfreq, windows, rejected, dropped, notes)
+        windows, rejected, bad = _continuous(rec, data, cfg, notes, channels.names)
+    if len(channels.names) - len(bad) < cfg.min_channels:
+        return reject(
+            f"too few good EEG channels ({len(channels.names) - len(bad)} after flagging "
+            f"{len(bad)} bad, need {cfg.min_channels})"
+        )
+    return Processed(channels, cfg.sfreq, windows, rejected, dropped, notes, bad_channels=bad)
 
 
 def _filter(
@@ -209,8 +234,12 @@ def _resample(x: np.ndarray, sfreq: float, target: float) -> np.ndarray:
 
 
 def _continuous(
-    rec: Recording, data: np.ndarray, cfg: PreprocessConfig, notes: dict[str, Any]
-) -> tuple[list[Window], Counter]:
+    rec: Recording,
+    data: np.ndarray,
+    cfg: PreprocessConfig,
+    notes: dict[str, Any],
+    names: list[str],
+) -> tuple[list[Window], Counter, dict[str, str]]:
     # data: [C, Tn] at the native rate, uV
     bad_t = ~np.isfinite(data).all(axis=0)  # [Tn]
     if bad_t.any():
@@ -223,6 +252,8 @@ def _continuous(
 
     x = _filter(data, rec.sfreq, rec.line_freq, cfg, notes)
     x = _resample(x, rec.sfreq, cfg.sfreq)  # [C, T] at the target rate
+    bad = flag_bad_channels(x, cfg.sfreq, names, cfg)
+    good = np.array([n not in bad for n in names])  # [C]
     span, stride = round(cfg.window_s * cfg.sfreq), round(cfg.stride_s * cfg.sfreq)
 
     windows: list[Window] = []
@@ -236,10 +267,10 @@ def _continuous(
             reason = "nonfinite"
         elif any(e.onset < t1 and e.onset + e.duration > t0 for e in bad_annotations):
             reason = "bad-annotation"
-        elif ((rail_cum[:, n1] - rail_cum[:, n0]) > cfg.clip_fraction * (n1 - n0)).any():
+        elif ((rail_cum[good, n1] - rail_cum[good, n0]) > cfg.clip_fraction * (n1 - n0)).any():
             reason = "clipped"
         else:
-            reason = _amplitude_problem(seg, cfg)
+            reason = _amplitude_problem(seg[good], cfg)
         if reason:
             rejected[reason] += 1
             continue
@@ -265,7 +296,7 @@ def _continuous(
                 events=events,
             )
         )
-    return windows, rejected
+    return windows, rejected, bad
 
 
 def _main_event(rec: Recording, t0: float, t1: float):
@@ -289,19 +320,28 @@ def _amplitude_problem(seg: np.ndarray, cfg: PreprocessConfig) -> str | None:
 
 
 def _trials(
-    rec: Recording, data: np.ndarray, cfg: PreprocessConfig, notes: dict[str, Any]
-) -> tuple[list[Window], Counter]:
+    rec: Recording,
+    data: np.ndarray,
+    cfg: PreprocessConfig,
+    notes: dict[str, Any],
+    names: list[str],
+) -> tuple[list[Window], Counter, dict[str, str]]:
     # data: [N, C, Tn] at the native rate, uV
-    bad = ~np.isfinite(data).all(axis=(1, 2))  # [N]
+    nonfinite = ~np.isfinite(data).all(axis=(1, 2))  # [N]
     data = np.where(np.isfinite(data), data, 0.0)
     if cfg.filter_trials:
         data = _filter(data, rec.sfreq, rec.line_freq, cfg, notes)
     x = _resample(data, rec.sfreq, cfg.sfreq)  # [N, C, T]
+    # Flags per recording: the trials end to end, [C, N*T].
+    bad = (
+        flag_bad_channels(np.concatenate(list(x), axis=-1), cfg.sfreq, names, cfg) if len(x) else {}
+    )
+    good = np.array([n not in bad for n in names])  # [C]
     windows: list[Window] = []
     rejected: Counter = Counter()
     assert rec.trials is not None
     for index, trial in enumerate(rec.trials):
-        reason = "nonfinite" if bad[index] else _amplitude_problem(x[index], cfg)
+        reason = "nonfinite" if nonfinite[index] else _amplitude_problem(x[index][good], cfg)
         if reason:
             rejected[reason] += 1
             continue
@@ -316,4 +356,4 @@ def _trials(
                 extra=dict(trial.extra),
             )
         )
-    return windows, rejected
+    return windows, rejected, bad

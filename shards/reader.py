@@ -32,7 +32,9 @@ each channel separately (embedding it from its name and 3D position) and takes p
 masks, so padded channels cost compute but never leak into the result, and one batch can
 hold any mix of corpora -- which keeps the per-rank sample order (and thus the shuffle)
 independent of montage. Bucketing by C (fewer padded tokens) can be added later as a stage
-before `batched` without changing the batch format.
+before `batched` without changing the batch format. Channels the build flagged as broken
+(the sample JSON's `bad_channels`) stay in `eeg` but get `channel_mask` False, so the encoder
+treats them as absent, exactly like padding; `batch["bad_channels"]` lists them per sample.
 
 Shape legend: B batch, C channels, T samples.
 """
@@ -390,6 +392,9 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     positions = meta.get("ch_pos") or [None] * n_ch
     if len(ch_known) != n_ch or len(positions) != n_ch:
         raise ValueError(f"ch_known/ch_pos must have {n_ch} entries")
+    bad_channels = meta.get("bad_channels") or []
+    if not isinstance(bad_channels, list) or not set(bad_channels) <= set(ch_names):
+        raise ValueError(f"bad_channels must list some of ch_names, got {bad_channels!r:.80}")
     ch_pos = np.zeros((n_ch, 3), dtype=np.float32)  # [C, 3], 0 where unknown
     pos_known = np.zeros(n_ch, dtype=bool)  # [C]
     for i, pos in enumerate(positions):
@@ -403,6 +408,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         "shard": raw.get("__url__"),
         "eeg": eeg,  # [C, T], still float16: half the memory in the shuffle/prefetch queues
         "ch_names": [str(n) for n in ch_names],
+        "bad_channels": [str(n) for n in bad_channels],
         "ch_known": np.asarray(ch_known, dtype=bool),  # [C]
         "ch_pos": ch_pos,
         "pos_known": pos_known,
@@ -451,7 +457,7 @@ def collate_eeg(samples: list[dict[str, Any]]) -> dict[str, Any]:
     c_max = max(s["eeg"].shape[0] for s in samples)
     t_max = max(s["eeg"].shape[1] for s in samples)
     eeg = np.zeros((n_b, c_max, t_max), dtype=np.float32)  # [B, C, T]
-    channel_mask = np.zeros((n_b, c_max), dtype=bool)  # [B, C] True = real channel
+    channel_mask = np.zeros((n_b, c_max), dtype=bool)  # [B, C] True = real, unflagged channel
     time_mask = np.zeros((n_b, t_max), dtype=bool)  # [B, T] True = real sample
     ch_pos = np.zeros((n_b, c_max, 3), dtype=np.float32)  # [B, C, 3]
     pos_known = np.zeros((n_b, c_max), dtype=bool)  # [B, C]
@@ -459,7 +465,8 @@ def collate_eeg(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for b, s in enumerate(samples):
         n_ch, n_t = s["eeg"].shape
         eeg[b, :n_ch, :n_t] = s["eeg"]
-        channel_mask[b, :n_ch] = True
+        flagged = set(_bad_channels(s))
+        channel_mask[b, :n_ch] = [name not in flagged for name in s["ch_names"]]
         time_mask[b, :n_t] = True
         ch_pos[b, :n_ch] = s["ch_pos"]
         pos_known[b, :n_ch] = s["pos_known"]
@@ -472,6 +479,7 @@ def collate_eeg(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "pos_known": torch.from_numpy(pos_known),
         "ch_known": torch.from_numpy(ch_known),
         "ch_names": [s["ch_names"] for s in samples],
+        "bad_channels": [_bad_channels(s) for s in samples],
         "sfreq": torch.tensor([s["sfreq"] for s in samples], dtype=torch.float32),  # [B]
         "label": [s["label"] for s in samples],
         "stimulus_id": [s["stimulus_id"] for s in samples],
@@ -479,6 +487,13 @@ def collate_eeg(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "shard": [s["shard"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+
+
+def _bad_channels(sample: dict[str, Any]) -> list[str]:
+    """A decoded sample's flagged channels; samples rebuilt from a batch carry them in meta."""
+    if "bad_channels" in sample:
+        return sample["bad_channels"]
+    return list((sample.get("meta") or {}).get("bad_channels") or [])
 
 
 # ---------------------------------------------------------------------------------------
