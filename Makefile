@@ -30,7 +30,8 @@ demo: venv
 	    --config configs/pretrain/tiny.yaml data.shards=[$(DEMO)/shards] \
 	    train.run_dir=$(DEMO)/pretrain register.name=brainmoe-demo
 	$(BIN)/brainmoe probe --model models:/brainmoe-demo@current \
-	    --tracking-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db --source "$(DEMO_PROBE)"
+	    --tracking-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db --source "$(DEMO_PROBE)" \
+	    --json $(DEMO)/probe.json
 	# heads: tiny random-weight bases (nothing downloaded) -> multi-task finetune on 2 CPU
 	# ranks from the registered encoder -> registered adapters -> images + captions
 	rm -rf $(DEMO)/finetune $(DEMO)/generated
@@ -45,6 +46,7 @@ demo: venv
 	    --out $(DEMO)/generated --num-images 2
 	@echo "plots: $(DEMO)/pretrain/plots/  held-out scores: $(DEMO)/finetune/eval.json  images: $(DEMO)/generated/index.html"
 	@echo "MLflow UI: $(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(abspath $(DEMO))/pretrain/mlflow.db"
+	@$(BIN)/python -m finetune.report --probe $(DEMO)/probe.json --eval $(DEMO)/finetune/eval.json
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""Held-out scores of a finetuned model, each beside its shuffled-pairs control.
+"""Held-out scores of a finetuned model, each beside its controls.
 
 Why a control for every number: with few classes, a model can score far above the
 textbook chance level by predicting the class prior, or captions can score BLEU by sharing
@@ -6,7 +6,11 @@ a template; the same metric on randomly re-paired EEG/stimuli measures exactly t
 
 Retrieval is scored per stimulus (EEG embeddings of a stimulus's repetitions averaged
 first, as ATM and THINGS-EEG2 papers do), n-way over every held-out stimulus. Captions are
-BLEU-1/4 and ROUGE-L against the stimulus's reference captions.
+BLEU-1/4 and ROUGE-L against the stimulus's reference captions, written free-running (the
+head sees the EEG prefix and the prompt, never a reference token), beside three controls:
+shuffled pairs, the same head fed matched-power noise instead of EEG, and the most frequent
+training caption written for every window -- a caption model that beats none of them has not
+read the EEG ("Are EEG-to-Text models working?", Jo et al. 2024).
 """
 
 from __future__ import annotations
@@ -17,13 +21,22 @@ from typing import Any
 import torch
 
 from finetune import metrics
-from finetune.splits import KeySelect
+from finetune.pairs import pick_caption
+from finetune.splits import KeySelect, index_shards
 from shards.reader import ReaderConfig, make_loader
+
+CAPTION_WINDOWS = 64  # held-out windows captioned (and captioned again from noise)
+NOISE_SEED = 4
 
 
 @torch.no_grad()
-def encode_test(model, cfg, split, pairing, device, dtype, limit: int):
-    """-> list of (batch, tokens, valid) over up to `limit` held-out windows."""
+def encode_test(model, cfg, split, pairing, device, dtype, limit: int, noise_seed=None):
+    """-> list of (batch, tokens, valid) over up to `limit` held-out windows, in shard order.
+
+    With `noise_seed`, each window's EEG is replaced by white noise of its own per-channel
+    power before encoding (the noise control); the batch returned holds that noise.
+    """
+    gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
     loader = make_loader(
         cfg.data.shards,
         ReaderConfig(batch_size=16, num_workers=0, shuffle=False),
@@ -34,6 +47,11 @@ def encode_test(model, cfg, split, pairing, device, dtype, limit: int):
     seen, out = 0, []
     for batch in loader:
         batch = pairing(batch)
+        if gen is not None:
+            noise = metrics.matched_power_noise(
+                batch["eeg"], batch["channel_mask"], batch["time_mask"], gen
+            )
+            batch = dict(batch, eeg=noise)
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if dtype != torch.float32:
             moved["eeg"] = moved["eeg"].to(dtype)
@@ -52,7 +70,11 @@ def evaluate(model, cfg, prep, pairing, device, dtype) -> dict[str, Any]:
     if "retrieval" in model.heads:
         scores["retrieval"] = _retrieval(model.heads["retrieval"], encoded, pairing)
     if "text" in model.heads:
-        scores["text"] = _captions(model.heads["text"], encoded, prep.stimuli)
+        noise = encode_test(
+            model, cfg, prep.split, pairing, device, dtype, CAPTION_WINDOWS, NOISE_SEED
+        )
+        prior = metrics.most_frequent(training_captions(cfg.data.shards, prep.split, prep.stimuli))
+        scores["text"] = captions(model.heads["text"], encoded, noise, prep.stimuli, prior)
     if "image" in model.heads and cfg.train.eval_images > 0:
         scores["image"] = _images(model.heads["image"], encoded, pairing, cfg, device)
     return scores
@@ -93,6 +115,7 @@ def _retrieval(head, encoded, pairing) -> dict[str, Any]:
     return {
         "stimuli": len(ids),
         "chance_top1": 1.0 / len(ids),
+        "chance_zero_shot": 1.0 / len(names),
         "report": metrics.report(value, control),
     }
 
@@ -137,21 +160,67 @@ def _images(head, encoded, pairing, cfg, device) -> dict[str, Any]:
     return {"images": len(ids), "n_way": n_way, "report": metrics.report(value, control)}
 
 
-def _captions(head, encoded, stimuli, limit: int = 32) -> dict[str, Any]:
-    predictions, references = [], []
+def training_captions(shards: list[str], split, stimuli) -> list[str]:
+    """The caption each training window was taught, picked by its key as the trainer's
+    Pairing picks it: the prior control writes the most frequent of these."""
+    train = set(split.train_keys)
+    rows = index_shards(shards)
+    return [pick_caption(stimuli[r.stimulus_id].captions, r.key) for r in rows if r.key in train]
+
+
+def write_captions(head, encoded, limit: int) -> tuple[list[str], list[str], list[str]]:
+    """Free-running greedy captions of the first `limit` windows -> (captions, keys, ids).
+
+    The head gets only the EEG prefix and the prompt, never a reference token, and may write
+    up to the caption length it was trained on (the display default, `max_new_tokens`, can be
+    shorter and would cut long references, lowering BLEU for no fault of the model).
+    """
+    written, keys, ids = [], [], []
     for batch, tokens, valid in encoded:
-        if len(predictions) >= limit:
+        if len(written) >= limit:
             break
-        predictions += head.generate(tokens, valid)
-        references += [stimuli[s].captions for s in batch["stimulus_id"]]
-    predictions, references = predictions[:limit], references[:limit]
+        written += head.generate(tokens, valid, max_new_tokens=head.config.max_caption_tokens)
+        keys += batch["key"]
+        ids += batch["stimulus_id"]
+    return written[:limit], keys[:limit], ids[:limit]
+
+
+def captions(
+    head, encoded, noise_encoded, stimuli, prior: str, limit: int = CAPTION_WINDOWS
+) -> dict[str, Any]:
+    """Caption scores beside the shuffled, noise and prior controls, and how many distinct
+    captions the held-out windows got (one for every window = the EEG was not read)."""
+    predicted, keys, ids = write_captions(head, encoded, limit)
+    from_noise, noise_keys, _ = write_captions(head, noise_encoded, limit)
+    if noise_keys != keys:
+        raise RuntimeError("the noise pass did not visit the same held-out windows in order")
+    references = [stimuli[s].captions for s in ids]
+    concepts = [stimuli[s].concept for s in ids]
     perm = torch.randperm(len(references), generator=torch.Generator().manual_seed(1)).tolist()
-    value = metrics.caption_scores(predictions, references)
-    control = metrics.caption_scores(predictions, [references[j] for j in perm])
+    value = metrics.caption_scores(predicted, references)
+    shuffled = metrics.caption_scores(predicted, [references[j] for j in perm])
+    controls = {
+        "shuffled": shuffled,
+        "noise": metrics.caption_scores(from_noise, references),
+        "prior": metrics.caption_scores([prior] * len(references), references),
+    }
+    by_concept = defaultdict(list)
+    for concept, caption in zip(concepts, predicted, strict=True):
+        by_concept[concept].append(caption)
     return {
+        "windows": len(predicted),
+        "decoding": f"free-running greedy, up to {head.config.max_caption_tokens} tokens",
+        "concepts": len(by_concept),
+        "distinct_captions": len(set(predicted)),
+        "distinct_noise_captions": len(set(from_noise)),
+        "prior_caption": prior,
+        "most_frequent_by_concept": {
+            c: metrics.most_frequent(written) for c, written in sorted(by_concept.items())
+        },
         "examples": [
-            {"predicted": p, "reference": r[0]}
-            for p, r in zip(predictions[:5], references[:5], strict=True)
+            {"predicted": p, "from_noise": n, "reference": r[0]}
+            for p, n, r in zip(predicted[:5], from_noise[:5], references[:5], strict=True)
         ],
-        "report": metrics.report(value, control),
+        "report": metrics.report(value, shuffled),
+        "controls": controls,
     }

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 
@@ -93,6 +95,11 @@ def generate(
                 paths.append(str(path.relative_to(out)))
             sid = batch["stimulus_id"][b]
             stim = stimuli.get(sid) if (stimuli is not None and sid) else None
+            copy = None
+            if stim and stim.image:
+                # a copy beside the generated images: the folder stays whole when moved
+                copy = folder / f"stimulus{Path(stim.image).suffix}"
+                shutil.copyfile(stim.image, copy)
             records.append(
                 {
                     "key": key,
@@ -100,6 +107,7 @@ def generate(
                     "images": paths,
                     "stimulus_id": sid,
                     "stimulus_image": str(stim.image) if stim and stim.image else None,
+                    "stimulus_copy": str(copy.relative_to(out)) if copy else None,
                     "stimulus_captions": stim.captions if stim else None,
                     "channels": len(batch["ch_names"][b]),
                     "eeg": batch["eeg"][b, : len(batch["ch_names"][b])].numpy(),
@@ -116,7 +124,11 @@ def generate(
 
 
 def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
-    """contact_sheet.png (EEG | stimulus | generated images, caption below) and index.html."""
+    """contact_sheet.png (EEG | stimulus | generated images, caption below) and index.html.
+
+    index.html names every image relative to `out` (the stimulus by its copy there), so the
+    folder can be moved, zipped or served as it is.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,11 +161,11 @@ def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
     rows = []
     for r in records:
         stim = (
-            f'<img src="{html.escape(Path(r["stimulus_image"]).as_uri())}" width=128>'
-            if r["stimulus_image"]
+            f'<img src="{_src(r["stimulus_copy"])}" width=128>'
+            if r.get("stimulus_copy")
             else "unknown"
         )
-        imgs = "".join(f'<img src="{html.escape(p)}" width=128>' for p in r["images"])
+        imgs = "".join(f'<img src="{_src(p)}" width=128>' for p in r["images"])
         rows.append(
             f"<tr><td>{html.escape(r['key'])}<br>{r['channels']} channels</td><td>{stim}</td>"
             f"<td>{imgs}</td><td>{html.escape(r['caption'] or '')}</td></tr>"
@@ -164,6 +176,11 @@ def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
         + "".join(rows)
         + "</table></body></html>\n"
     )
+
+
+def _src(relative: str) -> str:
+    """A path relative to the output folder as an HTML src: URL-quoted, forward slashes."""
+    return html.escape(quote(Path(relative).as_posix()))
 
 
 def _safe(key: str) -> str:

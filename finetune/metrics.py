@@ -4,10 +4,16 @@ EEG decoding numbers are easy to inflate (a leaky split, a retrieval set where o
 dominates), so every retrieval metric has a control computed the same way on randomly
 re-paired data: a result means something only by its margin over the control. Captions use
 torchmetrics' BLEU and ROUGE-L rather than hand-written n-gram counts.
+
+Captions need two more controls, because a language model can score BLEU without reading the
+EEG at all ("Are EEG-to-Text models working?", Jo et al. 2024): the same head fed noise of
+the EEG's power (:func:`matched_power_noise`), and the most frequent training caption
+written for every window (:func:`most_frequent`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,6 +110,39 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
         "bleu4": float(bleu_score(predictions, refs, n_gram=4)),
         "rougeL": float(rouge["rougeL_fmeasure"]),
     }
+
+
+def matched_power_noise(
+    eeg: Tensor, channel_mask: Tensor, time_mask: Tensor, generator: torch.Generator
+) -> Tensor:
+    """Gaussian white noise in place of EEG ``[B, C, T]``, each real channel of each window
+    scaled to exactly that channel's power (mean square over its real samples).
+
+    The encoder then sees signals of the right amplitude on the right montage and nothing
+    else, so whatever the heads still get right comes from the prior, not from the EEG.
+    Padded channels and samples stay zero.
+    """
+    x = torch.as_tensor(eeg).float()
+    keep = channel_mask.bool()[:, :, None] & time_mask.bool()[:, None, :]  # [B, C, T]
+    if x.ndim != 3 or keep.shape != x.shape:
+        raise ValueError(
+            f"expected eeg [B, C, T] with channel_mask [B, C] and time_mask [B, T], got "
+            f"{tuple(x.shape)}, {tuple(channel_mask.shape)}, {tuple(time_mask.shape)}"
+        )
+    x = x * keep
+    n = keep.sum(-1, keepdim=True).clamp(min=1)  # [B, C, 1] real samples per channel
+    noise = torch.randn(x.shape, generator=generator) * keep
+    power = x.pow(2).sum(-1, keepdim=True) / n  # [B, C, 1]
+    noise_power = noise.pow(2).sum(-1, keepdim=True) / n
+    return noise * (power / noise_power.clamp(min=1e-12)).sqrt()
+
+
+def most_frequent(captions: Sequence[str]) -> str:
+    """The caption written most often (ties: the alphabetically first, so runs agree)."""
+    if not captions:
+        raise ValueError("need at least one caption to find the most frequent one")
+    counts = Counter(captions)
+    return min(counts, key=lambda c: (-counts[c], c))
 
 
 def clip_similarity(image_emb_generated: Tensor, image_emb_stimulus: Tensor) -> float:

@@ -16,6 +16,15 @@ things (object, colour, scene) that different channels and patches carry: k quer
 read a different part of the token grid. The output is layer-normed and scaled to the RMS of
 the LM's own word embeddings, so the frozen LM receives inputs at the magnitude it was trained
 on from the first step.
+
+The mean-pooled tokens are standardised per feature over the batch (BatchNorm, as in the
+retrieval head) before they reach the queries and the MLP. Pooled encoder tokens are nearly
+the same vector for every window (pairwise cosine 0.998 on the synthetic corpus, the
+window-specific part ~4% of the norm), and a per-sample LayerNorm keeps that common part: the
+prefix then hardly changes with the EEG (cosine 0.999 between windows), the LM learns the
+caption prior first, and greedy decoding writes one caption for every held-out window (400
+steps on 4 strong synthetic classes: one caption, the right shape named in 16/64 windows;
+standardised: 5 captions, the right shape in 33/64).
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ class PrefixProjector(nn.Module):
         super().__init__()
         heads = next(h for h in (8, 4, 2, 1) if encoder_dim % h == 0)
         self.queries = nn.Parameter(torch.randn(prefix_tokens, encoder_dim) * 0.02)
+        self.standardise = nn.BatchNorm1d(encoder_dim)  # pooled: what differs between windows
         self.norm_kv = nn.LayerNorm(encoder_dim)
         self.attn = nn.MultiheadAttention(encoder_dim, heads, batch_first=True)
         self.mlp = nn.Sequential(
@@ -119,7 +129,7 @@ class PrefixProjector(nn.Module):
         valid = valid.reshape(b, -1)
         # A row with no valid token would softmax over nothing (NaN): let it read everything.
         keep = valid | ~valid.any(1, keepdim=True)
-        pooled = Encoder.pool(tokens, valid)  # [B, D]
+        pooled = self.standardise(Encoder.pool(tokens, valid))  # [B, D]
         kv = self.norm_kv(tokens)
         q = self.queries.unsqueeze(0).expand(b, -1, -1) + pooled.unsqueeze(1)  # [B, k, D]
         attended, _ = self.attn(q, kv, kv, key_padding_mask=~keep, need_weights=False)
