@@ -29,23 +29,28 @@ from bench.results import write_section  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "configs/pretrain/eegmmidb-cpu.yaml"
 
-# (name, overrides on top of the recipe): cumulative, from the earlier design to the recipe
-EARLIER = [
-    "model.overrides.input_norm=fixed",
-    "model.overrides.spatial_bias=false",
-    "msm.encoder_input=all",
-    "msm.center_patches=false",
-    "msm.mix_heads=0",
-    "msm.time_mix=false",
+# The recipe's parts in the order they were added, each with the overrides that switch it
+# back to the earlier design; row i keeps the first i parts (row 0: the earlier design).
+PARTS = [
+    ("per-window robust scale from visible patches", ["model.overrides.input_norm=fixed"]),
+    ("MAE: encoder sees visible patches only", ["msm.encoder_input=all"]),
+    ("per-patch mean removed from target and prediction", ["msm.center_patches=false"]),
+    ("electrode-distance attention bias", ["model.overrides.spatial_bias=false"]),
+    ("decoder mixes visible raw patches of nearby channels", ["msm.mix_heads=0"]),
+    (
+        "decoder maps neighbouring patches in time; one time patch of four hidden",
+        ["msm.time_mix=false", "msm.block_ratio=null"],
+    ),
+    ("decoder starts from the spherical-spline estimate (= the recipe)", ["msm.spline_path=false"]),
 ]
 VARIANTS = [
-    ("earlier design (BERT mask tokens, fixed scale, raw target, token-width decoder)", EARLIER),
-    ("+ per-window robust scale from visible patches", EARLIER[1:]),
-    ("+ MAE: encoder sees visible patches only", EARLIER[1:2] + EARLIER[3:]),
-    ("+ per-patch mean removed from target and prediction", EARLIER[1:2] + EARLIER[4:]),
-    ("+ electrode-distance attention bias", EARLIER[4:]),
-    ("+ decoder mixes visible raw patches of nearby channels", EARLIER[5:]),
-    ("+ decoder maps neighbouring patches in time (= the recipe)", []),
+    (
+        "earlier design (BERT mask tokens, fixed scale, raw target, token-width decoder)"
+        if i == 0
+        else "+ " + PARTS[i - 1][0],
+        [o for _, overrides in PARTS[i:] for o in overrides],
+    )
+    for i in range(len(PARTS) + 1)
 ]
 
 

@@ -95,3 +95,70 @@ class TimeMix(nn.Module):
         gate = self.gate(h).float()  # [B, C, P, 2]
         out = gate[..., :1] * self.prev(before.to(w)).float()
         return out + gate[..., 1:] * self.next(after.to(w)).float()
+
+
+def legendre_g(cosang: Tensor, stiffness: int = 4, n_terms: int = 50) -> Tensor:
+    """Perrin et al.'s spherical-spline kernel g(cos angle), as MNE's ``_calc_g``:
+    sum_n (2n + 1) / (n^m (n + 1)^m 4 pi) P_n(x), by the Legendre recurrence."""
+    x = cosang.clamp(-1.0, 1.0)
+    p_prev, p_cur = torch.ones_like(x), x
+    out = torch.zeros_like(x)
+    for n in range(1, n_terms + 1):
+        out = out + (2 * n + 1) / (n**stiffness * (n + 1) ** stiffness * 4 * math.pi) * p_cur
+        p_prev, p_cur = p_cur, ((2 * n + 1) * x * p_cur - n * p_prev) / (n + 1)
+    return out
+
+
+def sphere_directions(pos: Tensor, known: Tensor) -> Tensor:
+    """Electrode positions `[B, C, 3]` -> unit vectors from a least-squares sphere fitted to
+    each sample's known electrodes (as MNE centres a montage before interpolating)."""
+    p = pos.double()
+    w = known.double()[..., None]  # [B, C, 1]
+    # |p - o|^2 = r^2  <=>  2 p.o + (r^2 - |o|^2) = |p|^2: linear in (o, k)
+    a = torch.cat([2 * p, torch.ones_like(p[..., :1])], -1) * w  # [B, C, 4]
+    rhs = (p * p).sum(-1, keepdim=True) * w  # [B, C, 1]
+    ata = a.transpose(1, 2) @ a + 1e-9 * torch.eye(4, dtype=p.dtype, device=p.device)
+    sol = torch.linalg.solve(ata, a.transpose(1, 2) @ rhs)  # [B, 4, 1]
+    centred = p - sol[:, None, :3, 0]
+    return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+
+
+class SplinePath(nn.Module):
+    """Spherical-spline interpolation of every patch from the visible channels of the same
+    time patch (MNE's equations, batched in torch), gated per token by the decoder: the
+    classical answer as a starting point, which the rest of the decoder learns to correct."""
+
+    def __init__(self, dim: int, alpha: float = 1e-5):
+        super().__init__()
+        self.alpha = alpha
+        self.gate = nn.Linear(dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.ones_(self.gate.bias)
+
+    @torch.no_grad()
+    def interpolate(self, raw: Tensor, visible: Tensor, pos: Tensor, known: Tensor) -> Tensor:
+        """`raw [B, C, P, L]`, `visible [B, C, P]` -> spline estimate of every channel
+        `[B, C, P, L]` float32 (0 where a patch has fewer than 3 visible channels)."""
+        b, c, p, length = raw.shape
+        u = sphere_directions(pos, known)  # [B, C, 3]
+        g = legendre_g(u @ u.transpose(1, 2))  # [B, C, C]
+        vis = (visible & known[:, :, None]).permute(0, 2, 1).double()  # [B, P, C]
+        enough = vis.sum(-1) >= 3  # [B, P]
+        vis = vis * enough[..., None]
+        eye = torch.eye(c, dtype=g.dtype, device=g.device)
+        pair = vis[..., :, None] * vis[..., None, :]  # [B, P, C, C]
+        lhs = torch.zeros(b, p, c + 1, c + 1, dtype=g.dtype, device=g.device)
+        lhs[..., :c, :c] = (g[:, None] + self.alpha * eye) * pair + eye * (1 - vis[..., None])
+        lhs[..., :c, c] = vis
+        lhs[..., c, :c] = vis
+        lhs[..., c, c] = 1.0 - enough.double()
+        rhs = torch.zeros(b, p, c + 1, length, dtype=g.dtype, device=g.device)
+        rhs[..., :c, :] = raw.permute(0, 2, 1, 3).double() * vis[..., None]
+        sol = torch.linalg.solve(lhs, rhs)  # [B, P, C + 1, L]
+        est = g[:, None] @ sol[..., :c, :] + sol[..., c:, :]  # [B, P, C, L]
+        est = est * (enough[..., None, None] & known[:, None, :, None])
+        return est.permute(0, 2, 1, 3).float()
+
+    def forward(self, h: Tensor, raw: Tensor, visible: Tensor, pos: Tensor, known: Tensor):
+        est = self.interpolate(raw.float(), visible, pos, known)
+        return self.gate(h).float() * est

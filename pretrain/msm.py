@@ -49,7 +49,7 @@ from pretrain.encoder import (
     get_config,
     strict_from_dict,
 )
-from pretrain.mixing import SpatialMix, TimeMix
+from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
 from pretrain.spectral import log_spectrum
 
@@ -90,6 +90,12 @@ class MSMConfig:
     center_patches: bool = False
     mix_heads: int = 0  # > 0: SpatialMix heads (pretrain/mixing.py) in the decoder
     time_mix: bool = False  # TimeMix (previous/next visible patch of the same channel)
+    # SplinePath: MNE's spherical-spline estimate of each patch from the visible channels of
+    # its time patch, gated by the decoder, which learns the correction on top
+    spline_path: bool = False
+    # fraction of time blocks hidden in time_block/mixed masking (None: mask_ratio); a lower
+    # value leaves visible patches on both sides of a gap, as at evaluation
+    block_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -112,10 +118,14 @@ class MSMConfig:
             raise ValueError(
                 f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}"
             )
+        if self.block_ratio is not None and not 0.0 < self.block_ratio < 1.0:
+            raise ValueError(f"block_ratio must be in (0, 1), got {self.block_ratio}")
         if self.mix_heads < 0:
             raise ValueError(f"mix_heads must be >= 0, got {self.mix_heads}")
-        if (self.mix_heads or self.time_mix) and self.target == "spectrum":
-            raise ValueError("mix_heads/time_mix predict samples: they need target signal or both")
+        if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
+            raise ValueError(
+                "mix_heads/time_mix/spline_path predict samples: they need target signal or both"
+            )
 
     @property
     def n_freqs(self) -> int:
@@ -195,15 +205,18 @@ def make_mask(
     mode: str = "random",
     block: int = 1,
     generator: torch.Generator | None = None,
+    block_ratio: float | None = None,
 ) -> Tensor:
-    """`valid [B, C, P]` -> mask `[B, C, P]` (True = hidden; always a subset of valid)."""
+    """`valid [B, C, P]` -> mask `[B, C, P]` (True = hidden; always a subset of valid).
+    ``block_ratio`` (default ``ratio``) is the fraction of time blocks hidden."""
+    block_ratio = ratio if block_ratio is None else block_ratio
     if mode == "random":
         return random_mask(valid, ratio, generator)
     if mode == "time_block":
-        return time_block_mask(valid, ratio, block, generator)
+        return time_block_mask(valid, block_ratio, block, generator)
     if mode == "mixed":
         rnd = random_mask(valid, ratio, generator)
-        blk = time_block_mask(valid, ratio, block, generator)
+        blk = time_block_mask(valid, block_ratio, block, generator)
         coin = _rand((valid.shape[0],), generator, valid.device) < 0.5
         return torch.where(coin[:, None, None], rnd, blk)
     raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
@@ -283,10 +296,15 @@ class MaskedSignalModel(nn.Module):
         d = config.decoder_dim_resolved
         self.spatial_mix = SpatialMix(d, config.mix_heads) if config.mix_heads else None
         self.time_mix = TimeMix(d, enc.patch_len) if config.time_mix else None
+        self.spline_path = SplinePath(d) if config.spline_path else None
+        if self.spline_path is not None and self.spatial_mix is not None:
+            nn.init.zeros_(self.spatial_mix.gate.bias)  # start from the spline alone
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
-        return make_mask(valid, cfg.mask_ratio, cfg.mask_mode, cfg.block_patches, generator)
+        return make_mask(
+            valid, cfg.mask_ratio, cfg.mask_mode, cfg.block_patches, generator, cfg.block_ratio
+        )
 
     def target(self, patches: Tensor) -> Tensor:
         """Patch samples to reconstruct `[B, C, P, L]` float32, from the patches the encoder
@@ -298,6 +316,14 @@ class MaskedSignalModel(nn.Module):
             var = target.var(-1, keepdim=True, unbiased=False)
             target = target / torch.sqrt(var + 1e-6)
         return target
+
+    @staticmethod
+    def unclipped(inp: EncoderInput, enc) -> Tensor:
+        """The patches in the encoder's units but not clipped `[B, C, P, L]`: what the
+        decoder's raw paths mix and what the loss compares with. Interpolation is linear, so
+        a blink at 15 robust stds must reach it whole (the encoder's input is clipped for
+        stability; the targets are not, or the loss would forgive exactly the big errors)."""
+        return inp.patches.float() / enc.scale[:, None, None, None]
 
     def decode(self, inp: EncoderInput, mask: Tensor):
         """Encode what is visible, decode every patch -> (encoder output, predictions
@@ -325,14 +351,17 @@ class MaskedSignalModel(nn.Module):
         out, hidden = self.decoder(tokens, valid, tok_pos, tok_known, return_hidden=True)
         out = out.view(b, c, p, -1).float()
         mixed = None
-        if self.spatial_mix is not None or self.time_mix is not None:
+        if any(m is not None for m in (self.spatial_mix, self.time_mix, self.spline_path)):
             h = hidden.view(b, c, p, -1)
-            raw = self.target(enc.patches) if self.config.center_patches else enc.patches
+            unclipped = self.unclipped(inp, enc)
+            raw = self.target(unclipped) if self.config.center_patches else unclipped
             mixed = torch.zeros_like(raw, dtype=torch.float32)
             if self.spatial_mix is not None:
                 mixed = mixed + self.spatial_mix(h, raw, visible, inp.ch_pos, inp.pos_known)
             if self.time_mix is not None:
                 mixed = mixed + self.time_mix(h, raw, visible)
+            if self.spline_path is not None:
+                mixed = mixed + self.spline_path(h, raw, visible, inp.ch_pos, inp.pos_known)
         return enc, out, mixed
 
     def forward(
@@ -379,7 +408,7 @@ class MaskedSignalModel(nn.Module):
                 pred = pred + mixed
             if self.config.center_patches:
                 pred = pred - pred.mean(-1, keepdim=True)
-            out["pred"], out["target"] = pred, self.target(enc.patches)
+            out["pred"], out["target"] = pred, self.target(self.unclipped(inp, enc))
             out["mse_signal"] = masked_mse(out["pred"], out["target"])
             mse = mse + out["mse_signal"]
         if self.config.target != "signal":

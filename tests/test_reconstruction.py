@@ -47,6 +47,35 @@ def test_spline_baseline_is_mnes_interpolate_bads(physionet):
     assert err(ours) < err(neighbour_predict(x, ~hidden, hidden, pos))
 
 
+def test_decoder_spline_path_is_mnes_spline_batched():
+    """The model's SplinePath computes MNE's interpolation for every patch at once."""
+    from pretrain.mixing import SplinePath
+    from pretrain.reconstruction import _sphere_origin
+    from shards.channels import standard_positions
+
+    std = standard_positions()
+    names = ["Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "T7", "C3", "Cz", "C4", "T8", "P7"]
+    names += ["P3", "Pz", "P4", "P8", "O1", "O2", "FC1", "FC2", "CP1", "CP2", "Oz"]
+    pos = np.stack([std[n] for n in names]).astype(np.float64)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((len(names), 3, 40))  # [C, P, L]
+    visible = rng.random((len(names), 3)) > 0.5
+    est = (
+        SplinePath(8)
+        .interpolate(
+            torch.tensor(x)[None],
+            torch.tensor(visible)[None],
+            torch.tensor(pos, dtype=torch.float32)[None],
+            torch.ones(1, len(names), dtype=torch.bool),
+        )[0]
+        .numpy()
+    )
+    centred = pos - _sphere_origin(pos)
+    for t in range(3):
+        ref = spline_predict(x[:, t], visible[:, t], ~visible[:, t], centred)
+        np.testing.assert_allclose(est[~visible[:, t], t], ref, atol=1e-5)
+
+
 def test_linear_gap_joins_the_edges():
     before, after = np.array([0.0, 1.0]), np.array([4.0, 0.0])
     gap = linear_gap(before, after, 3)
