@@ -249,8 +249,19 @@ def _evaluate(model, batches, mask_ratio, seed, keep_examples) -> dict[str, Any]
             if pred_uv is not None:
                 pred_uv = pred_uv.float() * out["scale"][:, None, None, None] * scale_uv
             scores = random_s if mode == "random" else block_s
+            labels = (batch["key"], batch["ch_names"])
             _score_batch(
-                mode, scores, pred_uv, raw, centred, mask, valid, inp, examples, keep_examples
+                mode,
+                scores,
+                pred_uv,
+                raw,
+                centred,
+                mask,
+                valid,
+                inp,
+                examples,
+                labels,
+                keep_examples,
             )
             if spectral:
                 _score_spectrum(spec[mode], out, mask, valid)
@@ -267,7 +278,7 @@ def _evaluate(model, batches, mask_ratio, seed, keep_examples) -> dict[str, Any]
     return result
 
 
-def _score_batch(mode, scores, pred_uv, raw, centred, mask, valid, inp, examples, keep):
+def _score_batch(mode, scores, pred_uv, raw, centred, mask, valid, inp, examples, labels, keep=4):
     b, c, p, length = raw.shape
     for i in range(b):
         known = inp.pos_known[i].numpy() & valid[i].any(-1).numpy()
@@ -318,11 +329,8 @@ def _score_batch(mode, scores, pred_uv, raw, centred, mask, valid, inp, examples
                     m = pred_uv[i, hidden, t].numpy()[j]
                     row["model"] = m - m.mean()
                 ch = int(np.flatnonzero(hidden)[j])
-                examples[mode].append((f"{inp_name(inp, i, ch)} patch {t}", row))
-
-
-def inp_name(inp, i: int, ch: int) -> str:
-    return f"window {i} channel {ch}"
+                key, names = labels[0][i], labels[1][i]
+                examples[mode].append((f"{key}, {names[ch]}, second {t + 1}", row))
 
 
 def _score_spectrum(scores: Scores, out: dict[str, Tensor], mask: Tensor, valid: Tensor):
