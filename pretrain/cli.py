@@ -82,19 +82,16 @@ def add_parsers(subparsers) -> None:
     )
     reconstruction.add_arguments(rec)
     rec.set_defaults(func=reconstruction.run)
-    try:
-        from pretrain import moabb_eval
-    except ImportError:  # pragma: no cover - optional until its dependencies are installed
-        moabb_eval = None
-    if moabb_eval is not None:
-        moabb = kinds.add_parser(
-            "moabb",
-            help="MOABB's own evaluations: brainmoe features vs random init, CSP+LDA, TS+LR",
-            description=moabb_eval.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        moabb_eval.add_arguments(moabb)
-        moabb.set_defaults(func=moabb_eval.run)
+    from pretrain import moabb_eval
+
+    moabb = kinds.add_parser(
+        "moabb",
+        help="MOABB's own evaluations: brainmoe features vs random init, CSP+LDA, TS+LR",
+        description=moabb_eval.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    moabb_eval.add_arguments(moabb)
+    moabb.set_defaults(func=moabb_eval.run)
 
 
 def free_port() -> int:

@@ -5,25 +5,26 @@ labelled source, cross-validated across subjects (or runs) so a probe cannot win
 recognising the person. The same is done for a randomly initialised encoder of the same
 config, and chance is printed beside both: the gap is the pretraining's worth.
 
-Two poolings. ``mean`` averages every valid token (the usual foundation-model probe).
-``regions`` keeps coarse space: tokens are averaged over time per channel, channels are
-assigned to the nearest of the 19 10-20 sites by 3D position (any montage maps onto the
-same grid; channels without a position only enter a global mean), and the 20 vectors are
-concatenated. Much of what EEG labels mean is lateralised (left vs right motor imagery
-moves mu/beta power between C3 and C4), which a global mean cannot see.
+The poolings (``mean``, and ``regions`` which keeps left and right apart) live in
+:mod:`pretrain.features`, shared with the scikit-learn transformer MOABB evaluates.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from pretrain.encoder import Encoder
+from pretrain.features import (  # noqa: F401  (re-exported: the probe's public names)
+    POOLINGS,
+    REGION_SITES,
+    pooled_features,
+    region_of,
+    region_pool,
+)
 from shards.preprocess import PreprocessConfig, preprocess
 from shards.recording import Rejected
 from shards.sources import get_source
@@ -74,87 +75,19 @@ def load_labelled(
     return data
 
 
-POOLINGS = ("mean", "regions")
-REGION_SITES = (
-    "Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "T7", "C3", "Cz",
-    "C4", "T8", "P7", "P3", "Pz", "P4", "P8", "O1", "O2",
-)  # fmt: skip
-
-
-@functools.cache
-def _site_positions() -> np.ndarray:
-    from shards.channels import standard_positions
-
-    std = standard_positions()
-    return np.stack([std[name] for name in REGION_SITES])  # [R, 3]
-
-
-def region_of(positions: np.ndarray) -> np.ndarray:
-    """`[C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel `[C]`,
-    -1 where the position is unknown."""
-    sites = _site_positions()
-    known = np.isfinite(positions).all(axis=1)
-    dist = np.linalg.norm(np.nan_to_num(positions)[:, None] - sites[None], axis=-1)  # [C, R]
-    return np.where(known, dist.argmin(axis=1), -1)
-
-
-def region_pool(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
-    """One sample's tokens `[C, P, D]` -> `[(R + 1) * D]`: per-site means of the time-pooled
-    channels (zeros for a site no channel is near), then the mean of every channel."""
-    w = valid[..., None].to(grid.dtype)  # [C, P, 1]
-    per_channel = (grid * w).sum(1) / w.sum(1).clamp_min(1.0)  # [C, D]
-    has = valid.any(1)  # [C]
-    out = grid.new_zeros(len(REGION_SITES) + 1, grid.shape[-1])
-    for r in range(len(REGION_SITES)):
-        members = torch.from_numpy(regions == r) & has
-        if members.any():
-            out[r] = per_channel[members].mean(0)
-    out[-1] = per_channel[has].mean(0) if has.any() else 0.0
-    return out.reshape(-1)
-
-
-@torch.no_grad()
 def features(
     encoder: Encoder, data: ProbeData, batch_size: int = 32, pooling: str = "mean"
 ) -> np.ndarray:
     """Pooled encoder features: `[N, D]` (``mean``) or `[N, 20 * D]` (``regions``)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    from shards.reader import collate_eeg
-
-    encoder.eval()
-    out = []
-    for start in range(0, len(data.eeg), batch_size):
-        samples = []
-        for i in range(start, min(start + batch_size, len(data.eeg))):
-            pos = data.ch_pos[i]
-            samples.append(
-                {
-                    "eeg": torch.from_numpy(data.eeg[i]),
-                    "ch_names": data.ch_names[i],
-                    "ch_known": [True] * len(data.ch_names[i]),
-                    "ch_pos": torch.from_numpy(np.nan_to_num(pos).astype(np.float32)),
-                    "pos_known": torch.from_numpy(np.isfinite(pos).all(axis=1)),
-                    "sfreq": encoder.config.sfreq,
-                    "label": None,
-                    "stimulus_id": None,
-                    "key": str(i),
-                    "meta": {},
-                    "shard": "",
-                }
-            )
-        batch = collate_eeg(samples)
-        enc = encoder(batch)
-        if pooling == "mean":
-            out.append(Encoder.pool(enc).float().numpy())
-            continue
-        grid = enc.grid().float()  # [B, C, P, D]
-        valid = enc.valid.view(grid.shape[:3])
-        for j, i in enumerate(range(start, start + grid.shape[0])):
-            c = len(data.ch_names[i])
-            pooled = region_pool(grid[j, :c], valid[j, :c], region_of(data.ch_pos[i]))
-            out.append(pooled[None].numpy())
-    return np.concatenate(out)
+    return pooled_features(
+        encoder,
+        data.eeg,
+        data.ch_names,
+        data.ch_pos,
+        encoder.config.sfreq,
+        pooling=pooling,
+        batch_size=batch_size,
+    )
 
 
 def balanced_accuracy_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:

@@ -1,0 +1,304 @@
+"""Frozen-encoder features: the pooling the probe uses, and a scikit-learn transformer for it.
+
+Shape legend: B batch, C channels, T samples, P patches per channel, D width, R 10-20 sites.
+
+The field compares EEG decoders through MOABB, whose pipelines are scikit-learn estimators
+fed `X [n, C, T]` (volts, the epochs' own rate). :class:`EncoderFeatures` turns such an
+array (or an ``mne.Epochs``) into pooled encoder features, so a frozen encoder drops into
+any MOABB evaluation, ``Pipeline`` or grid search beside CSP and tangent-space baselines.
+It stores its parameters as given and loads the encoder in ``fit``, which is what
+``sklearn.clone`` (called by MOABB for every fold) needs.
+
+Two poolings. ``mean`` averages every valid token (the usual foundation-model probe).
+``regions`` keeps coarse space: tokens are averaged over time per channel, channels are
+assigned to the nearest of the 19 10-20 sites by 3D position (any montage maps onto the
+same grid; channels without a position only enter a global mean), and the 20 vectors are
+concatenated. Much of what EEG labels mean is lateralised (left vs right motor imagery
+moves mu/beta power between C3 and C4), which a global mean cannot see.
+
+``layer`` reads a block's output instead of the last one (through the final norm): frozen
+foundation models often carry more in a middle layer than at the top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import Tensor
+
+from pretrain.encoder import Encoder, EncoderOutput
+
+POOLINGS = ("mean", "regions")
+UNITS = {"V": 1e6, "mV": 1e3, "uV": 1.0}  # factor to microvolts, what the encoder reads
+REGION_SITES = (
+    "Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "T7", "C3", "Cz",
+    "C4", "T8", "P7", "P3", "Pz", "P4", "P8", "O1", "O2",
+)  # fmt: skip
+
+
+@functools.cache
+def _site_positions() -> np.ndarray:
+    from shards.channels import standard_positions
+
+    std = standard_positions()
+    return np.stack([std[name] for name in REGION_SITES])  # [R, 3]
+
+
+def region_of(positions: np.ndarray) -> np.ndarray:
+    """`[C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel `[C]`,
+    -1 where the position is unknown."""
+    sites = _site_positions()
+    known = np.isfinite(positions).all(axis=1)
+    dist = np.linalg.norm(np.nan_to_num(positions)[:, None] - sites[None], axis=-1)  # [C, R]
+    return np.where(known, dist.argmin(axis=1), -1)
+
+
+def region_pool(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
+    """One sample's tokens `[C, P, D]` -> `[(R + 1) * D]`: per-site means of the time-pooled
+    channels (zeros for a site no channel is near), then the mean of every channel."""
+    return region_pool_batch(grid[None], valid[None], np.asarray(regions)[None])[0]
+
+
+def region_pool_batch(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
+    """:func:`region_pool` for a batch: `[B, C, P, D]`, valid `[B, C, P]`, site per channel
+    `[B, C]` (-1: none) -> `[B, (R + 1) * D]`, as one matrix product per batch."""
+    w = valid[..., None].to(grid.dtype)  # [B, C, P, 1]
+    per_channel = (grid * w).sum(2) / w.sum(2).clamp_min(1.0)  # [B, C, D]
+    has = valid.any(2)  # [B, C]
+    sites = torch.arange(len(REGION_SITES), device=grid.device)
+    member = torch.as_tensor(regions, device=grid.device)[:, None, :] == sites[None, :, None]
+    member = torch.cat([member, torch.ones_like(member[:, :1])], 1) & has[:, None, :]
+    weight = member.to(grid.dtype)  # [B, R + 1, C]: sites, then every channel
+    out = weight @ per_channel / weight.sum(-1, keepdim=True).clamp_min(1.0)  # [B, R + 1, D]
+    return out.reshape(grid.shape[0], -1)
+
+
+def resolve_layer(layer: int | None, depth: int) -> int:
+    """``layer`` (None = last, negative counts from the end) -> block index in [0, depth)."""
+    if layer is None:
+        return depth - 1
+    if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+        raise ValueError(f"layer must be an integer block index or None, got {layer!r}")
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer {layer} is outside this encoder's {depth} blocks")
+    return int(layer) % depth
+
+
+def encode_at_layer(encoder: Encoder, batch: dict[str, Any], layer: int | None) -> EncoderOutput:
+    """The encoder's output with ``tokens`` read after block ``layer`` (then the final norm);
+    None is the encoder's own output."""
+    if layer is None:
+        return encoder(batch)
+    captured: list[Tensor] = []
+    hook = encoder.blocks[layer].register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        out = encoder(batch)
+    finally:
+        hook.remove()
+    return dataclasses.replace(out, tokens=encoder.norm(captured[0]))  # [B, N, D]
+
+
+@torch.no_grad()
+def pooled_features(
+    encoder: Encoder,
+    eeg: Sequence[np.ndarray],
+    ch_names: Sequence[Sequence[str]],
+    ch_pos: Sequence[np.ndarray],
+    sfreq: float,
+    pooling: str = "mean",
+    layer: int | None = None,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Windows (each `[C, T]` uV at ``sfreq``, its names and positions `[C, 3]`, NaN unknown)
+    -> features `[n, D]` (``mean``) or `[n, 20 * D]` (``regions``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    from shards.reader import collate_eeg
+
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, len(eeg), batch_size):
+        idx = range(start, min(start + batch_size, len(eeg)))
+        samples = [
+            {
+                "eeg": torch.as_tensor(eeg[i], dtype=torch.float32),
+                "ch_names": list(ch_names[i]),
+                "ch_known": [True] * len(ch_names[i]),
+                "ch_pos": torch.from_numpy(np.nan_to_num(ch_pos[i]).astype(np.float32)),
+                "pos_known": torch.from_numpy(np.isfinite(ch_pos[i]).all(axis=1)),
+                "sfreq": float(sfreq),
+                "label": None,
+                "stimulus_id": None,
+                "key": str(i),
+                "meta": {},
+                "shard": "",
+            }
+            for i in idx
+        ]
+        batch = collate_eeg(samples)
+        batch["eeg"] = batch["eeg"].to(device)
+        enc = encode_at_layer(encoder, batch, layer)
+        if pooling == "mean":
+            out.append(Encoder.pool(enc).float().cpu().numpy())
+            continue
+        grid = enc.grid().float()  # [B, C, P, D]
+        regions = np.full(grid.shape[:2], -1)  # [B, C]; padded channels belong nowhere
+        for j, i in enumerate(idx):
+            regions[j, : len(ch_names[i])] = region_of(ch_pos[i])
+        pooled = region_pool_batch(grid, enc.valid.view(grid.shape[:3]), regions)
+        out.append(pooled.cpu().numpy())
+    return np.concatenate(out)
+
+
+# ---- loading, shared by every clone of the transformer ------------------------------------
+
+
+@functools.cache
+def _model_folder(model: str, tracking_uri: str | None) -> Path:
+    """A local folder for a path or a registry URI, downloaded once per process."""
+    from pretrain.tracking import resolve_model
+
+    if Path(model).exists():
+        return Path(model)
+    return resolve_model(model, tracking_uri, tempfile.mkdtemp(prefix="brainmoe-model-"))
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(
+    model: str, tracking_uri: str | None, device: str, random_init: bool, seed: int
+) -> Encoder:
+    """The frozen encoder (or its random-init twin: same config and vocabulary, weights from
+    ``seed``). Cached: MOABB clones the pipeline for every fold, and the encoder never changes."""
+    encoder = Encoder.from_pretrained(_model_folder(str(model), tracking_uri))
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class EncoderFeatures(TransformerMixin, BaseEstimator):
+    """Epochs `X [n, C, T]` (or an ``mne.Epochs``) -> frozen-encoder features `[n, F]`.
+
+    ``model`` is an encoder folder or a ``models:/name@alias`` URI. ``ch_names`` and
+    ``sfreq`` describe X's channels and rate (taken from the epochs' info when X is an
+    ``mne.Epochs``); ``unit`` is X's unit ("V", "mV", "uV", or "auto": judged from the
+    amplitude when fitting). ``random_init`` uses the encoder's random-init twin seeded by
+    ``seed``: the baseline that says what pretraining added.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        pooling: str = "regions",
+        layer: int | None = None,
+        batch_size: int = 32,
+        unit: str = "auto",
+        ch_names: Sequence[str] | None = None,
+        sfreq: float | None = None,
+        random_init: bool = False,
+        seed: int = 0,
+        device: str = "auto",
+        tracking_uri: str | None = None,
+    ):
+        self.model = model
+        self.pooling = pooling
+        self.layer = layer
+        self.batch_size = batch_size
+        self.unit = unit
+        self.ch_names = ch_names
+        self.sfreq = sfreq
+        self.random_init = random_init
+        self.seed = seed
+        self.device = device
+        self.tracking_uri = tracking_uri
+
+    def _check_params(self) -> None:
+        if self.model is None:
+            raise ValueError("EncoderFeatures needs model= (an encoder folder or models:/ URI)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.unit != "auto" and self.unit not in UNITS:
+            raise ValueError(f"unit must be 'auto' or one of {list(UNITS)}, got {self.unit!r}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def _array_and_info(self, X: Any) -> tuple[np.ndarray, list[str], float]:
+        """`[n, C, T]` values with their channel names and rate, from an array or Epochs."""
+        import mne
+
+        if isinstance(X, mne.BaseEpochs):
+            names, sfreq = list(X.ch_names), float(X.info["sfreq"])
+            X = X.get_data(copy=False)
+        else:
+            names = None if self.ch_names is None else list(self.ch_names)
+            sfreq = None if self.sfreq is None else float(self.sfreq)
+        X = np.asarray(X)
+        if X.ndim != 3:
+            raise ValueError(f"X must be epochs [n, C, T], got an array of shape {X.shape}")
+        if names is None or sfreq is None:
+            raise ValueError(
+                "EncoderFeatures needs ch_names= and sfreq= for an array X (or pass mne.Epochs)"
+            )
+        if len(names) != X.shape[1]:
+            raise ValueError(f"X has {X.shape[1]} channels but {len(names)} channel names")
+        if sfreq <= 0:
+            raise ValueError(f"sfreq must be positive, got {sfreq}")
+        return X, names, sfreq
+
+    def fit(self, X: Any, y: Any = None) -> EncoderFeatures:
+        from shards.channels import canonicalize
+        from shards.preprocess import detect_scale
+
+        self._check_params()
+        X, names, sfreq = self._array_and_info(X)
+        self.encoder_ = load_encoder(
+            str(self.model),
+            self.tracking_uri,
+            resolve_device(self.device),
+            bool(self.random_init),
+            int(self.seed),
+        )
+        self.layer_ = resolve_layer(self.layer, len(self.encoder_.blocks))
+        channels = canonicalize(names)
+        self.ch_names_, self.ch_pos_, self.sfreq_ = channels.names, channels.positions, sfreq
+        self.unit_ = detect_scale(X)[0] if self.unit == "auto" else self.unit
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "encoder_")
+        X, names, sfreq = self._array_and_info(X)
+        if len(names) != len(self.ch_names_) or sfreq != self.sfreq_:
+            raise ValueError(
+                f"X has {len(names)} channels at {sfreq} Hz; fitted on "
+                f"{len(self.ch_names_)} at {self.sfreq_} Hz"
+            )
+        uv = (X * UNITS[self.unit_]).astype(np.float32)  # [n, C, T] uV
+        last = self.layer_ == len(self.encoder_.blocks) - 1
+        return pooled_features(
+            self.encoder_,
+            list(uv),
+            [self.ch_names_] * len(uv),
+            [self.ch_pos_] * len(uv),
+            self.sfreq_,
+            pooling=self.pooling,
+            layer=None if last else self.layer_,
+            batch_size=int(self.batch_size),
+        )
