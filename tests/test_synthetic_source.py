@@ -81,6 +81,7 @@ def test_spec_defaults_and_overrides():
         ("synthetic?line_freq=200", r"below the Nyquist frequency \(125.0 Hz\)"),
         ("synthetic?duration_s=nan", "duration_s=nan must be a finite number"),
         ("synthetic?seed=-1", "seed=-1 must be non-negative"),
+        ("synthetic?montage=1020", "montage='1020' must be one of mixed, 1010"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec, message):
@@ -143,7 +144,7 @@ def test_recordings_follow_the_protocol(default_recordings):
         assert rec.unit == "V" and detect_scale(rec.data)[0] == "V"
         assert 5e-6 < rec.data.std() < 5e-5, f"{rec.data.std() * 1e6:.1f} uV is not EEG-like"
         assert rec.line_freq == 50.0 and rec.ch_pos is None
-        assert rec.extra == {"generator": "brainmoe.synthetic", "version": 1}
+        assert rec.extra == {"generator": "brainmoe.synthetic", "version": 2}
 
 
 def test_montages_differ_but_share_the_10_20_core(default_recordings):

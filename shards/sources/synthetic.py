@@ -10,17 +10,23 @@ window rejection) is exercised on the way.
 
 What a recording contains (generated in microvolts, delivered in volts as MNE gives them):
 
-* Background: 1/f ("pink") noise from sources spread over the scalp, mixed into the
-  electrodes through a Gaussian kernel of electrode distance, so neighbours correlate as in
-  real EEG (~10-20 uV); a posterior alpha rhythm (9-11.5 Hz, waxing and waning); line noise
-  at `line_freq` (a few uV, near-common phase); a little independent sensor noise.
+* Background (~10-20 uV): 1/f ("pink") cortical activity mixed into the electrodes by a
+  spherical head model (shards/sources/synthetic_head.py), plus the reference electrode's own
+  pink signal in every channel (72-80% of the background's variance), so channels are as
+  redundant as in real EEG: in 4 s windows the correlation at 2-4, 4-6, 6-8, 8-12, 12-16 cm
+  is within 0.05 of EEGMMIDB's (0.92, 0.88, 0.82, 0.74, 0.60), and on the 64-channel cap
+  (`montage=1010`) so is the nearest-neighbour correlation (0.92; see
+  tests/test_simulator_realism.py). Only the farthest pairs (~18 cm) correlate more than in
+  EEGMMIDB (~0.5 against 0.35). Then a posterior alpha rhythm (9-11.5 Hz, waxing and
+  waning); line noise at `line_freq` (a few uV, near-common phase); electrode noise, 1-2.5
+  uV, except on the few poor contacts of each cap (8-16 uV, 6% of the electrodes).
 * Artifacts (`artifacts=true`): blinks (100-200 uV slow frontal deflections) and muscle
   bursts (10-30 uV, broadband > 20 Hz, on one temporal side). They are a separate random
   stream, so `artifacts=false` gives the same recording minus exactly those.
 * Trials, one every `trial_s` seconds from t=0 (so fixed windows of `trial_s` are trials).
   Each class has (a) an evoked response: a smooth Gaussian scalp bump at a class-specific
   site times a class-specific damped oscillation (10-15 uV, latency 120-300 ms, 2.5-6 Hz);
-  and (b) an oscillatory power change: a beta/mu burst (4-7 uV, 12-26 Hz, a different
+  and (b) an oscillatory power change: a beta/mu burst (3.7-6.5 uV, 12-26 Hz, a different
   frequency per class, 0.5-3 s after onset) at a class-specific site, with random phase,
   so only band power reveals it, as in motor imagery. Each stimulus *instance* of a class
   differs consistently from its siblings: it shifts the evoked latency (+-40 ms), sets the
@@ -28,12 +34,14 @@ What a recording contains (generated in microvolts, delivered in volts as MNE gi
   scales the burst, so EEG->stimulus retrieval is learnable too. Class and instance
   patterns depend on `seed` only: a stimulus means the same thing for every subject.
   Single trials are noisy, as real ones are: a linear classifier on simple features gets
-  ~0.7 for 4 classes on the default spec (see tests/test_synthetic_source.py).
+  ~0.7 for 4 classes on the default spec (see tests/test_synthetic_source.py), and so does
+  CSP+LDA on the 8-30 Hz band (calibrated there: tests/test_simulator_realism.py).
 * Subjects differ the way real ones do: an overall gain (0.7-1.4), a few mm / ms of jitter
   on every class pattern, their own alpha, background level and artifact rates, a different
   montage (the 19 electrodes of the 10-20 system that every subject has, so learning
   transfers, plus 0-13 of 26 10-10 electrodes: 19-32 channels, counts distinct for 14
-  consecutive subjects), sometimes a shuffled channel order, and a vendor's spelling of the
+  consecutive subjects; or, with `montage=1010`, everyone on EEGMMIDB's 64-channel cap),
+  their own poor contacts, sometimes a shuffled channel order, and a vendor's spelling of the
   names, by subject number (1-based) modulo 4:
 
   1. "standard": MNE's names (``Fp1``, ``T7``, ``FCz``);
@@ -59,9 +67,10 @@ import numpy as np
 from shards.channels import standard_positions
 from shards.recording import Event, Provenance, Recording, Rejected, WorkUnit, fingerprint
 from shards.sources import Spec, parse_params
+from shards.sources.synthetic_head import TEN_TEN, background_mixing
 
 GENERATOR = "brainmoe.synthetic"
-VERSION = 1  # bump when the generated signals change: it is part of every unit's fingerprint
+VERSION = 2  # bump when the generated signals change: it is part of every unit's fingerprint
 
 # The 10-20 system: every subject has these, so what is learnt on one subject transfers.
 CORE = (
@@ -74,16 +83,22 @@ EXTRA = (
     "TP7", "CP5", "CP1", "CPz", "CP2", "CP6", "TP8", "P1", "P2", "PO3", "POz", "PO4", "Oz",
 )  # fmt: skip
 MAX_CHANNELS = 32
+MONTAGES = ("mixed", "1010")  # per-subject 19-32 channels, or everyone on the 64-channel cap
 SPELLINGS = ("standard", "tuh", "upper-1020", "physionet")
 _OLD_NAMES = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}
 # Class patterns sit away from the rim, where blinks and muscle live.
 _RIM = {"Fp1", "Fp2", "F7", "F8", "FT7", "FT8", "T7", "T8", "TP7", "TP8", "P7", "P8", "O1", "O2"}
 
-# Spatial scales on the template head (metres): background mixing and the class bumps.
-_BACKGROUND_WIDTH = 0.04
+# Spatial scale of the class bumps on the template head (metres).
 _PATTERN_WIDTH = 0.055
+# The share of the background's variance that the reference puts in every channel (EEGMMIDB
+# shares ~60% of its variance across all channels; the head model adds some of its own).
+_REFERENCE_SHARE = (0.72, 0.80)
+# Electrode noise (uV): most contacts are good, a few per cap are poor (as EEGMMIDB's right
+# temporal channels), which is much of what decorrelates neighbours in real recordings.
+_GOOD_CONTACT_UV, _POOR_CONTACT_UV, _POOR_CONTACTS = (1.0, 2.5), (8.0, 16.0), 0.06
 # Random streams: [seed, stream, ...] seeds each, so streams never shift one another.
-_WORLD, _MONTAGE, _SUBJECT, _RUN = 1, 2, 3, 4
+_WORLD, _MONTAGE, _SUBJECT, _RUN, _CONTACTS = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -102,6 +117,9 @@ class SyntheticParams:
     # default; larger makes a world where decoding is easy, to test that a pipeline *can*
     # learn when the information is there, apart from how hard real data are
     effect: float = 1.0
+    # "mixed": each subject has the 10-20 core plus some 10-10 electrodes (19-32 channels);
+    # "1010": every subject wears EEGMMIDB's 64-channel 10-10 cap (e.g. to compare with it)
+    montage: str = "mixed"
 
     def check(self, spec: str) -> None:
         """Raise ValueError naming every bad parameter and what to use instead."""
@@ -149,6 +167,8 @@ class SyntheticParams:
             problems.append(f"seed={self.seed} must be non-negative")
         if self.effect < 0:
             problems.append(f"effect={self.effect} must be >= 0 (1 = the default strength)")
+        if self.montage not in MONTAGES:
+            problems.append(f"montage={self.montage!r} must be one of {', '.join(MONTAGES)}")
         if problems:
             raise ValueError(f"source {spec!r}: " + "; ".join(problems))
 
@@ -311,7 +331,7 @@ def _world(p: SyntheticParams) -> _World:
         late_width=rng.uniform(0.06, 0.10, nc),
         burst_site=burst[(ks + 1) % len(burst)],
         burst_freq=rng.permutation(_spread(12.0, 26.0, nc)),
-        burst_amp=rng.uniform(4.0, 7.0, nc),
+        burst_amp=rng.uniform(3.7, 6.5, nc),
         inst_shift=rng.permuted(np.tile(_spread(-0.04, 0.04, ni), (nc, 1)), axis=1),
         inst_late=rng.permuted(np.tile(_spread(-6.0, 6.0, ni), (nc, 1)), axis=1),
         inst_burst=rng.permuted(np.tile(_spread(0.6, 1.4, ni), (nc, 1)), axis=1),
@@ -323,8 +343,11 @@ class _Subject:
     names: tuple[str, ...]  # canonical 10-05 names, in this subject's channel order
     ch_names: tuple[str, ...]  # as this subject's "vendor" spells them
     pos: np.ndarray  # [C, 3]
+    mix: np.ndarray  # [C, C] head model: independent noise -> correlated background
     gain: float
     background_uv: float
+    reference_share: float  # of the background's variance: the reference's own signal
+    contact_uv: np.ndarray  # [C] each electrode's own noise
     alpha_freq: float
     alpha_uv: float
     blink_rate: float  # per second
@@ -352,6 +375,8 @@ def _subject(p: SyntheticParams, w: _World, subject: int) -> _Subject:
     rng = _rng(p.seed, _SUBJECT, subject)
     extra = set(rng.choice(len(EXTRA), n_extra, replace=False).tolist())
     names = [n for i, n in enumerate(_sites()) if i < len(CORE) or i - len(CORE) in extra]
+    if p.montage == "1010":
+        names = list(TEN_TEN)  # the draw above still happens, so the traits below stay put
     if rng.random() < 0.5:
         names = [names[i] for i in rng.permutation(len(names))]
     style = SPELLINGS[(subject - 1) % len(SPELLINGS)]
@@ -361,6 +386,13 @@ def _subject(p: SyntheticParams, w: _World, subject: int) -> _Subject:
     background_uv = rng.uniform(10.0, 15.0)
     alpha_freq, alpha_uv = rng.uniform(9.0, 11.5), rng.uniform(5.0, 10.0)
     blink_rate, muscle_rate = rng.uniform(2, 8) / 60, rng.uniform(0.5, 2) / 60
+    reference_share = rng.uniform(*_REFERENCE_SHARE)
+    contacts = _rng(p.seed, _CONTACTS, subject)
+    contact_uv = np.where(
+        contacts.random(len(names)) < _POOR_CONTACTS,
+        contacts.uniform(*_POOR_CONTACT_UV, len(names)),
+        contacts.uniform(*_GOOD_CONTACT_UV, len(names)),
+    )
     # Per-class jitter last, so the scalar traits above do not depend on `classes`.
     nc = p.classes
     site_pos = _positions(_sites())
@@ -373,8 +405,11 @@ def _subject(p: SyntheticParams, w: _World, subject: int) -> _Subject:
         names=tuple(names),
         ch_names=tuple(_spell(n, style) for n in names),
         pos=pos,
+        mix=background_mixing(names),
         gain=float(gain),
         background_uv=float(background_uv),
+        reference_share=float(reference_share),
+        contact_uv=contact_uv,
         alpha_freq=float(alpha_freq),
         alpha_uv=float(alpha_uv),
         blink_rate=float(blink_rate),
@@ -396,7 +431,7 @@ def _coloured(rng: np.random.Generator, n: int, T: int, sfreq: float, gain) -> n
 
 def _blocks(rng: np.random.Generator, n_values: int, n: int) -> np.ndarray:
     """n draws from range(n_values), balanced: concatenated random permutations."""
-    reps = -(-n // n_values)
+    reps = max(1, -(-n // n_values))  # one even for n=0: a short run may miss a class
     return np.concatenate([rng.permutation(n_values) for _ in range(reps)])[:n]
 
 
@@ -409,19 +444,19 @@ def _run(
     ).spawn(6)
     C, T, sfreq = len(subj.names), round(p.duration_s * p.sfreq), p.sfreq
 
-    # Background: pink sources at every site, mixed by a distance kernel (unit variance per
-    # channel).
-    site_pos = _positions(_sites())
-    mix = _bump(site_pos, subj.pos, _BACKGROUND_WIDTH)  # [C, sites]
-    mix /= np.linalg.norm(mix, axis=1, keepdims=True)
+    # Background: pink cortical activity through the head model, plus the reference's own
+    # pink signal in every channel (see shards/sources/synthetic_head.py).
     pink = _coloured(
         np.random.default_rng(background),
-        len(site_pos),
+        C + 1,
         T,
         sfreq,
         lambda f: np.where(f > 0, 1 / np.sqrt(np.maximum(f, 0.2)), 0.0),
-    )  # [sites, T]
-    neural = subj.background_uv * (mix @ pink)  # [C, T] uV
+    )  # [C + 1, T]
+    share = subj.reference_share
+    neural = subj.background_uv * (
+        math.sqrt(1 - share) * (subj.mix @ pink[:C]) + math.sqrt(share) * pink[C]
+    )  # [C, T] uV
 
     a = _coloured(
         np.random.default_rng(alpha),
@@ -436,8 +471,7 @@ def _run(
     events = _plant_trials(p, w, subj, neural, np.random.default_rng(design))
     data = subj.gain * neural
 
-    rng = np.random.default_rng(sensor)
-    data += rng.uniform(0.5, 1.5, (C, 1)) * rng.standard_normal((C, T))
+    data += subj.contact_uv[:, None] * np.random.default_rng(sensor).standard_normal((C, T))
     if p.line_freq > 0:
         rng = np.random.default_rng(line)
         amp = rng.uniform(1.0, 4.0, (C, 1))
