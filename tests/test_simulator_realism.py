@@ -64,8 +64,8 @@ def test_simulator_is_as_spatially_redundant_as_eegmmidb(physionet, tmp_path):
     comparable between equal caps)."""
     specs = {
         "EEGMMIDB": "moabb:PhysionetMI?subjects=1",
-        "synthetic 1010": "synthetic?subjects=4&runs=1&montage=1010",
-        "synthetic mixed": "synthetic?subjects=8&runs=1",
+        "synthetic 1010": "synthetic?subjects=4&runs=1&montage=1010&head=sphere",
+        "synthetic mixed": "synthetic?subjects=8&runs=1&head=sphere",
     }
     profiles = {}
     for name, spec in specs.items():
@@ -98,13 +98,13 @@ def _motor_imagery_trials(spec: str):
     return np.array(trials), np.array(labels)  # [N, 19, T], [N]
 
 
-def test_default_class_strength_gives_csp_lda_about_0_7():
-    trials, labels = _motor_imagery_trials("synthetic")
+def test_head_model_class_strength_gives_csp_lda_about_0_7():
+    trials, labels = _motor_imagery_trials("synthetic?head=sphere")
     clf = make_pipeline(CSP(n_components=4, log=True), LinearDiscriminantAnalysis())
     cv = StratifiedKFold(5, shuffle=True, random_state=0)
     acc = cross_val_score(clf, trials, labels, cv=cv, scoring="balanced_accuracy").mean()
     message = (
-        f"CSP+LDA balanced accuracy {acc:.3f} on the default spec ({len(labels)} trials, "
+        f"CSP+LDA balanced accuracy {acc:.3f} on synthetic?head=sphere ({len(labels)} trials, "
         f"{len(set(labels))} classes, 5-fold); meant to be about 0.7"
     )
     print(message)
