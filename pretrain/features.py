@@ -122,29 +122,14 @@ def pooled_features(
     -> features `[n, D]` (``mean``) or `[n, 20 * D]` (``regions``)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    from shards.reader import collate_eeg
+    from shards.reader import collate_eeg, window_sample
 
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
     for start in range(0, len(eeg), batch_size):
         idx = range(start, min(start + batch_size, len(eeg)))
-        samples = [
-            {
-                "eeg": torch.as_tensor(eeg[i], dtype=torch.float32),
-                "ch_names": list(ch_names[i]),
-                "ch_known": [True] * len(ch_names[i]),
-                "ch_pos": torch.from_numpy(np.nan_to_num(ch_pos[i]).astype(np.float32)),
-                "pos_known": torch.from_numpy(np.isfinite(ch_pos[i]).all(axis=1)),
-                "sfreq": float(sfreq),
-                "label": None,
-                "stimulus_id": None,
-                "key": str(i),
-                "meta": {},
-                "shard": "",
-            }
-            for i in idx
-        ]
+        samples = [window_sample(eeg[i], ch_names[i], ch_pos[i], sfreq, key=str(i)) for i in idx]
         batch = collate_eeg(samples)
         batch["eeg"] = batch["eeg"].to(device)
         enc = encode_at_layer(encoder, batch, layer)

@@ -25,9 +25,7 @@ from pretrain.features import (  # noqa: F401  (re-exported: the probe's public 
     region_of,
     region_pool,
 )
-from shards.preprocess import PreprocessConfig, preprocess
-from shards.recording import Rejected
-from shards.sources import get_source
+from shards.preprocess import PreprocessConfig, preprocessed
 
 
 @dataclass
@@ -43,25 +41,17 @@ def load_labelled(
     spec: str, preprocess_cfg: PreprocessConfig | None = None, max_windows: int | None = None
 ) -> ProbeData:
     """Windows with labels from a source, through the same preprocessing as the shards."""
-    cfg = preprocess_cfg or PreprocessConfig()
-    source = get_source(spec)
     data = ProbeData([], [], [], np.array([]), np.array([]))
     labels, groups = [], []
-    for unit in source.units():
-        for rec in source.load(unit):
-            if isinstance(rec, Rejected):
+    for rec, processed in preprocessed(spec, preprocess_cfg):
+        for win in processed.windows:
+            if win.label is None:
                 continue
-            processed = preprocess(rec, cfg)
-            if processed.channels is None:
-                continue
-            for win in processed.windows:
-                if win.label is None:
-                    continue
-                data.eeg.append(win.data)
-                data.ch_names.append(processed.channels.names)
-                data.ch_pos.append(processed.channels.positions)
-                labels.append(win.label)
-                groups.append(f"{rec.provenance.subject}/{rec.provenance.session}")
+            data.eeg.append(win.data)
+            data.ch_names.append(processed.channels.names)
+            data.ch_pos.append(processed.channels.positions)
+            labels.append(win.label)
+            groups.append(f"{rec.provenance.subject}/{rec.provenance.session}")
     if not labels:
         raise ValueError(f"source {spec!r} yielded no labelled windows to probe with")
     data.labels, data.groups = np.array(labels), np.array(groups)

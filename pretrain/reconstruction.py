@@ -85,51 +85,24 @@ def iter_batches(source: str, batch_size: int, max_windows: int | None, shard_cf
             seen += batch["eeg"].shape[0]
             yield batch
         return
-    from shards.preprocess import PreprocessConfig, preprocess
-    from shards.recording import Rejected
-    from shards.sources import get_source
+    from shards.preprocess import preprocessed
+    from shards.reader import window_sample
 
-    cfg = shard_cfg or PreprocessConfig()
-    src = get_source(source)
     samples: list[dict[str, Any]] = []
-    for unit in src.units():
-        for rec in src.load(unit):
-            if isinstance(rec, Rejected):
-                continue
-            processed = preprocess(rec, cfg)
-            if processed.channels is None:
-                continue
-            pos = processed.channels.positions
-            bad = set(getattr(processed, "bad_channels", None) or ())
-            for win in processed.windows:
-                samples.append(_sample(win.data, processed.channels.names, pos, cfg.sfreq, bad))
-                if len(samples) == batch_size:
-                    yield collate_eeg(samples)
-                    seen += len(samples)
-                    samples = []
-                if max_windows and seen + len(samples) >= max_windows:
-                    if samples:
-                        yield collate_eeg(samples)
-                    return
+    for _, processed in preprocessed(source, shard_cfg):
+        names, pos = processed.channels.names, processed.channels.positions
+        for win in processed.windows:
+            samples.append(
+                window_sample(win.data, names, pos, processed.sfreq, processed.bad_channels)
+            )
+            if len(samples) == batch_size or (max_windows and seen + len(samples) >= max_windows):
+                yield collate_eeg(samples)
+                seen += len(samples)
+                samples = []
+            if max_windows and seen >= max_windows:
+                return
     if samples:
         yield collate_eeg(samples)
-
-
-def _sample(data, names, pos, sfreq, bad) -> dict[str, Any]:
-    known = np.isfinite(pos).all(axis=1)
-    return {
-        "eeg": data,
-        "ch_names": list(names),
-        "ch_known": np.ones(len(names), dtype=bool),
-        "ch_pos": np.nan_to_num(pos).astype(np.float32),
-        "pos_known": known,
-        "sfreq": sfreq,
-        "label": None,
-        "stimulus_id": None,
-        "key": "",
-        "shard": "",
-        "meta": {"bad_channels": sorted(bad)},
-    }
 
 
 def _head(batch: dict[str, Any], n: int) -> dict[str, Any]:

@@ -118,6 +118,24 @@ class Processed:
         return len(self.windows) + sum(self.rejected.values())
 
 
+def preprocessed(spec: str, cfg: PreprocessConfig | None = None):
+    """Every usable recording of a source spec, cleaned as a shard build would clean it:
+    yields (Recording, Processed); rejected recordings are skipped. For tools that read a
+    source directly (probe, evaluation) instead of its shards."""
+    from shards.recording import Rejected
+    from shards.sources import get_source
+
+    cfg = cfg or PreprocessConfig()
+    source = get_source(spec)
+    for unit in source.units():
+        for rec in source.load(unit):
+            if isinstance(rec, Rejected):
+                continue
+            processed = preprocess(rec, cfg)
+            if processed.channels is not None:
+                yield rec, processed
+
+
 def detect_scale(data: np.ndarray) -> tuple[str, float]:
     """Which unit the values are in, judged from their amplitude; returns (unit, factor to uV).
 

@@ -449,6 +449,32 @@ class DecodeSamples(wds.PipelineStage):
             yield sample
 
 
+def window_sample(
+    eeg: np.ndarray,
+    ch_names: Sequence[str],
+    ch_pos: np.ndarray,
+    sfreq: float,
+    bad_channels: Sequence[str] = (),
+    key: str = "",
+) -> dict[str, Any]:
+    """A decoded-sample dict (what `collate_eeg` takes) from a window that did not come from a
+    shard: `eeg [C, T]` uV, `ch_pos [C, 3]` metres with NaN where unknown."""
+    return {
+        "key": key,
+        "shard": "",
+        "eeg": np.asarray(eeg, dtype=np.float32),
+        "ch_names": list(ch_names),
+        "ch_known": np.ones(len(ch_names), dtype=bool),
+        "ch_pos": np.nan_to_num(ch_pos).astype(np.float32),
+        "pos_known": np.isfinite(ch_pos).all(axis=1),
+        "sfreq": float(sfreq),
+        "label": None,
+        "stimulus_id": None,
+        "bad_channels": sorted(bad_channels),
+        "meta": {},
+    }
+
+
 def collate_eeg(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Zero-pad to the batch's largest montage and length, with masks (module docstring)."""
     if not samples:
