@@ -4,31 +4,113 @@ The registered folder holds only adapters; `finetune.json` names the encoder ver
 its fingerprint) and the base models, so the model is rebuilt exactly as trained -- and an
 encoder whose weights differ from the recorded fingerprint is refused rather than decoded
 into plausible-looking nonsense.
+
+Loading the models takes seconds to minutes, so every input is checked first
+(`check_inputs`: the EEG file or shard folders, the output folder, the model references)
+and the EEG is read before any model: a typo fails at once. torch and the heads are
+imported only when a model is loaded, for the same reason.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import torch
-
-from finetune.config import FinetuneConfig
-from finetune.inputs import batches, windows_from_file, windows_from_shards
-from finetune.model import MultiTaskModel, encoder_fingerprint
-from finetune.stimuli import StimulusSet
+from pretrain.artifacts import read_json
 from pretrain.tracking import resolve_model
+
+if TYPE_CHECKING:
+    from finetune.model import MultiTaskModel
+    from finetune.stimuli import StimulusSet
+
+# models:/<name>@<alias> or models:/<name>/<version>; runs:/<run id>/<path>
+_REGISTRY_URI = re.compile(r"models:/[^/@\s]+(@[^/@\s]+|/\d+)")
+_RUN_URI = re.compile(r"runs:/[^/\s]+/\S+")
+
+
+def check_model_ref(uri: str, what: str) -> Path | None:
+    """A ValueError unless ``uri`` is a well-formed registry/run URI or an existing folder;
+    returns the folder for a local path (None for a URI, resolved only when loading)."""
+    if uri.startswith("models:/"):
+        if not _REGISTRY_URI.fullmatch(uri):
+            raise ValueError(
+                f"{what} {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>"
+            )
+        return None
+    if uri.startswith("runs:/"):
+        if not _RUN_URI.fullmatch(uri):
+            raise ValueError(f"{what} {uri!r} is not runs:/<run id>/<artifact path>")
+        return None
+    if "://" in uri:
+        return None  # another MLflow artifact store (s3://, ...): only it can tell
+    path = Path(uri)
+    if not path.is_dir():
+        raise ValueError(f"{what} {uri!r}: no such folder (or give models:/<name>@<alias>)")
+    return path
+
+
+def _check_out(out: str) -> None:
+    """The output folder exists or can be created, and can be written to."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: a file is in the way, give a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {probe} is not a writable folder")
+
+
+def check_inputs(args) -> None:
+    """Every mistake in the command line found before anything is loaded (a ValueError)."""
+    if args.num_images < 1:
+        raise ValueError("--num-images must be at least 1")
+    if args.max_windows < 1:
+        raise ValueError("--max-windows must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if args.eeg:
+        if args.keys:
+            raise ValueError("--keys selects windows of --shards; with --eeg give --max-windows")
+        eeg = Path(args.eeg)
+        if not eeg.is_file():
+            raise ValueError(f"--eeg {args.eeg}: no such file")
+        if not os.access(eeg, os.R_OK):
+            raise ValueError(f"--eeg {args.eeg}: not readable")
+    else:
+        if not args.keys:
+            raise ValueError(
+                "--shards needs --keys (window keys: brainmoe shards inspect lists them)"
+            )
+        missing = [f for f in args.shards if not Path(f).is_dir()]
+        if missing:
+            raise ValueError(f"--shards {' '.join(missing)}: no such folder")
+    _check_out(args.out)
+    folder = check_model_ref(args.model, "--model")
+    if folder is not None:
+        if not (folder / "finetune.json").is_file():
+            raise ValueError(f"--model {args.model} is not a finetune output (no finetune.json)")
+        meta = read_json(folder / "finetune.json")
+        encoder_uri = meta.get("encoder_uri")
+        if not isinstance(encoder_uri, str) or not encoder_uri:
+            raise ValueError(f"{folder / 'finetune.json'} names no encoder_uri")
+        check_model_ref(encoder_uri, f"the encoder of --model {args.model}")
 
 
 def load_finetuned(
     uri: str, tracking_uri: str | None, workdir: Path
 ) -> tuple[MultiTaskModel, dict[str, Any], Path]:
     """A finetune folder or models:/ URI -> (model in eval mode, its finetune.json, folder)."""
+    from finetune.config import FinetuneConfig
+    from finetune.model import encoder_fingerprint
     from finetune.trainer import build_model
     from shards.config import load_config
 
@@ -36,7 +118,7 @@ def load_finetuned(
     meta_path = folder / "finetune.json"
     if not meta_path.is_file():
         raise ValueError(f"{uri} is not a finetune output (no finetune.json in {folder})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     encoder_dir = resolve_model(meta["encoder_uri"], tracking_uri, workdir / "encoder")
     found = encoder_fingerprint(encoder_dir)
     if found != meta["encoder_fingerprint"]:
@@ -57,7 +139,6 @@ def _config_values(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k in keep}
 
 
-@torch.no_grad()
 def generate(
     model: MultiTaskModel,
     samples: list[dict[str, Any]],
@@ -68,7 +149,24 @@ def generate(
     stimuli: StimulusSet | None = None,
 ) -> list[dict[str, Any]]:
     """Images (PNG) and captions per input window into `out`; returns one record per window."""
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        records = _decode(model, samples, out, num_images, steps, seed, stimuli)
+    (out / "captions.json").write_text(
+        json.dumps({r["key"]: r["caption"] for r in records}, indent=1) + "\n"
+    )
+    contact_sheet(records, out)
+    for r in records:
+        r.pop("eeg")
+    (out / "generated.json").write_text(json.dumps(records, indent=1) + "\n")
+    return records
+
+
+def _decode(model, samples, out, num_images, steps, seed, stimuli) -> list[dict[str, Any]]:
+    from finetune.inputs import batches
+
     records = []
     for batch in batches(samples):
         enc = model.encoder(batch)
@@ -113,13 +211,6 @@ def generate(
                     "eeg": batch["eeg"][b, : len(batch["ch_names"][b])].numpy(),
                 }
             )
-    (out / "captions.json").write_text(
-        json.dumps({r["key"]: r["caption"] for r in records}, indent=1) + "\n"
-    )
-    contact_sheet(records, out)
-    for r in records:
-        r.pop("eeg")
-    (out / "generated.json").write_text(json.dumps(records, indent=1) + "\n")
     return records
 
 
@@ -130,6 +221,7 @@ def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
     folder can be moved, zipped or served as it is.
     """
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,7 +234,7 @@ def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
     )
     for row, r in zip(axes, records, strict=True):
         eeg = r["eeg"]  # [C, T] uV
-        offsets = 3 * (eeg.std() + 1e-9) * torch.arange(len(eeg)).numpy()[:, None]
+        offsets = 3 * (eeg.std() + 1e-9) * np.arange(len(eeg))[:, None]
         row[0].plot((eeg + offsets).T, lw=0.3, color="k")
         row[0].set_title(f"{r['key'][:24]}\n{r['channels']} ch", fontsize=6)
         if r["stimulus_image"]:
@@ -188,21 +280,24 @@ def _safe(key: str) -> str:
 
 
 def generate_cli(args) -> int:
-    if args.num_images < 1:
-        raise ValueError("--num-images must be at least 1")
-    if args.shards and not args.keys:
-        raise ValueError("--shards needs --keys (window keys: brainmoe shards inspect lists them)")
+    """Check every input, read the EEG, then load the model and decode."""
+    check_inputs(args)  # before any heavy import: a typo fails in a fraction of a second
+    from finetune.inputs import windows_from_file, windows_from_shards
+
+    samples = (
+        windows_from_file(args.eeg, args.max_windows)
+        if args.eeg
+        else windows_from_shards(args.shards, args.keys)
+    )
+    print(f"loading model {args.model} ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, meta, folder = load_finetuned(args.model, args.tracking_uri, Path(tmp))
+        from finetune.stimuli import StimulusSet
+
         stimuli = (
             StimulusSet.load(folder / "stimuli.json")
             if (folder / "stimuli.json").is_file()
             else None
-        )
-        samples = (
-            windows_from_file(args.eeg, args.max_windows)
-            if args.eeg
-            else windows_from_shards(args.shards, args.keys)
         )
         records = generate(
             model, samples, Path(args.out), args.num_images, args.steps, args.seed, stimuli

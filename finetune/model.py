@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from pretrain.artifacts import load_safetensors, verify_checksums, write_checksums
 from pretrain.encoder import Encoder
 
 ENCODER_LORA_TARGETS = ["qkv", "out"]  # pretrain.encoder.Attention's projections
+MULTITASK_FILE = "multitask.safetensors"  # encoder adapters/blocks + the task weighting (gate)
+META_FILE = "finetune.json"
+REMEDY = "re-download the finetune output (or finetune again)"
 
 
 def encoder_fingerprint(folder: str | Path) -> str:
@@ -101,20 +105,31 @@ class MultiTaskModel(nn.Module):
         return state
 
     def save_adapters(self, folder: str | Path, meta: dict[str, Any]) -> Path:
+        """multitask.safetensors + one folder per head + finetune.json.
+
+        finetune.json lists the sha256 of every file written here (each head folder also lists
+        its own), so the whole output is verified in one step before registering or loading.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.detach().float().cpu().contiguous() for k, v in self.trainable_state().items()},
-            folder / "multitask.safetensors",
+            folder / MULTITASK_FILE,
         )
+        files = [MULTITASK_FILE]
         for name, head in self.heads.items():
             head.save_adapter(folder / name)
-        (folder / "finetune.json").write_text(json.dumps(meta, indent=1, default=str))
+            written = (folder / name).rglob("*")
+            files += sorted(p.relative_to(folder).as_posix() for p in written if p.is_file())
+        (folder / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        write_checksums(folder, files, META_FILE)
         return folder
 
     def load_adapters(self, folder: str | Path) -> None:
+        """Restore what `save_adapters` wrote; every file is checked against its sha256 first."""
         folder = Path(folder)
-        state = load_file(folder / "multitask.safetensors")
+        verify_checksums(folder, META_FILE, REMEDY)
+        state = load_safetensors(folder / MULTITASK_FILE, remedy=REMEDY)
         enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         wgt = {
             k.removeprefix("weighting."): v for k, v in state.items() if k.startswith("weighting.")

@@ -5,10 +5,10 @@ it to another encoder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from pretrain.artifacts import read_json, verify_checksums
 from pretrain.tracking import lineage_tags, model_version_info, register_folder
 
 
@@ -31,7 +31,9 @@ def register_adapters(
     meta_path = folder / "finetune.json"
     if not meta_path.is_file():
         raise ValueError(f"{folder} is not a finetune output (no finetune.json)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
+    # a damaged file must not become a model version everyone downloads
+    verify_checksums(folder, "finetune.json", "save the finetune output again (or finetune again)")
     lineage = meta.get("lineage", {})
     tags = {
         "kind": "brainmoe-heads",

@@ -46,6 +46,7 @@ from pretrain.spectral import log_spectrum
 
 UNKNOWN_CHANNEL = "<unk>"
 FORMAT_VERSION = 1
+ENCODER_REMEDY = "re-export it (brainmoe export) or re-download it from the registry"
 HEAD_RADIUS_M = 0.1  # positions are divided by this before the Fourier features
 INPUT_NORMS = ("fixed", "window")
 
@@ -767,6 +768,8 @@ class Encoder(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from pretrain.artifacts import write_checksums
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -778,6 +781,8 @@ class Encoder(nn.Module):
             "channel_vocab": list(self.vocab.names),
         }
         (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # sha256 + size of the weights in config.json: from_pretrained refuses damaged bytes
+        write_checksums(path, ["model.safetensors"], "config.json")
         return path
 
     @classmethod
@@ -793,14 +798,16 @@ class Encoder(nn.Module):
         ``overrides`` change non-architectural fields (e.g. ``activation_checkpointing``,
         ``expert_backend``, ``dropout``).
         """
-        from safetensors.torch import load_file
+        from pretrain.artifacts import load_safetensors, read_json, verify_checksums
 
         path = Path(path)
-        meta = json.loads((path / "config.json").read_text())
+        remedy = ENCODER_REMEDY
+        meta = read_json(path / "config.json", remedy)
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer brainmoe")
         config = EncoderConfig.from_dict({**meta["config"], **overrides})
-        state = load_file(str(path / "model.safetensors"), device=str(device))
+        verify_checksums(path, "config.json", remedy)  # before a tensor is read
+        state = load_safetensors(path / "model.safetensors", str(device), remedy)
         with torch.device("meta"):  # no random init of weights about to be overwritten
             model = cls(config, meta["channel_vocab"])
         model.load_state_dict(state, strict=True, assign=True)

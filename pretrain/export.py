@@ -26,7 +26,11 @@ def checkpoint_tag_dir(ckpt: str | Path) -> tuple[Path, str]:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Consolidate the encoder of a (ZeRO) checkpoint into a `save_pretrained` folder."""
+    """Consolidate the encoder of a (ZeRO) checkpoint into a `save_pretrained` folder.
+
+    `Encoder.save_pretrained` records the weights' sha256 and size in config.json, and
+    `from_pretrained` checks them, so a copy damaged on its way to a user is refused.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pretrain.encoder import Encoder, EncoderConfig

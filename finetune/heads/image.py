@@ -35,17 +35,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from finetune.heads.resampler import TokenResampler
+from pretrain.artifacts import load_safetensors, read_json, verify_checksums, write_checksums
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SD_CONTEXT_LEN = 77  # CLIP's text context, what every SD1.x/2.x UNet was trained on
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights reads it
 PROJECTOR_FILE = "eeg_projector.safetensors"
 CONFIG_FILE = "image_head.json"
+REMEDY = "re-download the finetune output, or save the head again"
 _BASE_FILES = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
 
 
@@ -490,6 +492,7 @@ class ImageHead(nn.Module):
         }
         save_file(rest, str(folder / PROJECTOR_FILE))
         (folder / CONFIG_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n")
+        write_checksums(folder, [LORA_FILE, PROJECTOR_FILE], CONFIG_FILE)
         return folder
 
     def load_adapter(self, folder: str | Path) -> None:
@@ -526,7 +529,8 @@ class ImageHead(nn.Module):
                 "head with the adapter's config (ImageHead.from_adapter does)"
             )
         folder = Path(folder)
-        lora = load_file(str(folder / LORA_FILE))
+        verify_checksums(folder, CONFIG_FILE, REMEDY)  # damaged bytes would load silently
+        lora = load_safetensors(folder / LORA_FILE, remedy=REMEDY)
         lora = {k.removeprefix("unet."): v for k, v in lora.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(
             self.unet, convert_unet_state_dict_to_peft(lora), adapter_name="default"
@@ -539,7 +543,7 @@ class ImageHead(nn.Module):
                 f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
             )
         cast_training_params(self.unet, torch.float32)
-        rest = load_file(str(folder / PROJECTOR_FILE))
+        rest = load_safetensors(folder / PROJECTOR_FILE, remedy=REMEDY)
         own = {
             k: p
             for k, p in self.named_parameters()
@@ -584,4 +588,4 @@ def read_adapter_meta(folder: str | Path) -> dict:
             f"{folder} is not an image-head adapter folder: missing {', '.join(missing)} "
             "(written by ImageHead.save_adapter)"
         )
-    return json.loads((folder / CONFIG_FILE).read_text())
+    return read_json(folder / CONFIG_FILE, REMEDY)

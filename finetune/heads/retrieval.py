@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from finetune.heads.resampler import TokenResampler
+from pretrain.artifacts import load_safetensors, read_json, verify_checksums, write_checksums
 from pretrain.encoder import Encoder
 
 CONFIG_FILE = "retrieval_head.json"
 WEIGHTS_FILE = "retrieval_head.safetensors"
+REMEDY = "re-download the finetune output, or save the head again"
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -176,13 +178,14 @@ class RetrievalHead(nn.Module):
             "clip_dim": self.clip_dim,
         }
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        write_checksums(folder, [WEIGHTS_FILE], CONFIG_FILE)
         return folder
 
     def load_adapter(self, folder: str | Path) -> None:
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} is not a retrieval head adapter (no {CONFIG_FILE})")
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = read_json(folder / CONFIG_FILE, REMEDY)
         for key in ("encoder_dim", "clip_dim"):
             if meta[key] != getattr(self, key):
                 raise ValueError(
@@ -194,7 +197,8 @@ class RetrievalHead(nn.Module):
                 f"adapter in {folder} has hidden={meta['config']['hidden']}, "
                 f"this head has {self.config.hidden}"
             )
-        self.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        verify_checksums(folder, CONFIG_FILE, REMEDY)  # damaged bytes would load silently
+        self.load_state_dict(load_safetensors(folder / WEIGHTS_FILE, remedy=REMEDY))
 
     def base_models(self) -> dict[str, str]:
         return {}  # nothing frozen: the CLIP embeddings come precomputed from the cache

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -46,12 +46,15 @@ from transformers import (
     AutoTokenizer,
 )
 
+from pretrain.artifacts import load_safetensors, read_json, verify_checksums, write_checksums
 from pretrain.encoder import Encoder
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE = "text_head.json"
 PROJECTOR_FILE = "projector.safetensors"
 LORA_DIR = "lora"
+LORA_FILES = (f"{LORA_DIR}/adapter_model.safetensors", f"{LORA_DIR}/adapter_config.json")
+REMEDY = "re-download the finetune output, or save the head again"
 
 
 @dataclass
@@ -318,6 +321,7 @@ class TextHead(nn.Module):
             "lm_hidden": self.lm_hidden,
         }
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        write_checksums(folder, [PROJECTOR_FILE, *LORA_FILES], CONFIG_FILE)
         return folder
 
     def load_adapter(self, folder: str | Path) -> None:
@@ -325,7 +329,7 @@ class TextHead(nn.Module):
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} is not a text head adapter (no {CONFIG_FILE})")
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = read_json(folder / CONFIG_FILE, REMEDY)
         saved = meta["config"]
         if meta["lm_hidden"] != self.lm_hidden:
             raise ValueError(
@@ -344,8 +348,9 @@ class TextHead(nn.Module):
                 f"adapter in {folder} expects encoder width {meta['encoder_dim']}, "
                 f"this head has {self.encoder_dim}"
             )
-        self.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
-        lora = load_file(str(folder / LORA_DIR / "adapter_model.safetensors"))
+        verify_checksums(folder, CONFIG_FILE, REMEDY)  # damaged bytes would load silently
+        self.projector.load_state_dict(load_safetensors(folder / PROJECTOR_FILE, remedy=REMEDY))
+        lora = load_safetensors(folder / LORA_FILES[0], remedy=REMEDY)
         result = set_peft_model_state_dict(self.lm, lora)
         assert not result.unexpected_keys, result.unexpected_keys
 
