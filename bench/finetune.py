@@ -69,6 +69,7 @@ def eeg_samples(b: int, max_channels: int, seconds: float) -> list[dict[str, Any
     channels, so the collated batch is padded like a mixed-montage one."""
     from finetune.stimuli import MAX_CLASSES, MAX_INSTANCES
     from shards.channels import standard_positions
+    from shards.reader import window_sample
 
     positions = standard_positions()
     rng = np.random.default_rng(0)
@@ -78,20 +79,20 @@ def eeg_samples(b: int, max_channels: int, seconds: float) -> list[dict[str, Any
         c = 19 + (i * (max_channels - 19)) // max(1, b - 1)  # [19, max_channels]
         names = CHANNELS[:c]
         k, inst = i % MAX_CLASSES, (i // MAX_CLASSES) % MAX_INSTANCES
+        pos = np.stack([positions[n] for n in names]).astype(np.float32)
+        eeg = (20 * rng.standard_normal((c, t))).astype(np.float32)  # [C, T] uV
         samples.append(
-            {
-                "key": f"bench_w{i:06d}",
-                "shard": "synthetic",
-                "eeg": (20 * rng.standard_normal((c, t))).astype(np.float32),  # [C, T] uV
-                "ch_names": names,
-                "ch_known": np.ones(c, dtype=bool),
-                "ch_pos": np.stack([positions[n] for n in names]).astype(np.float32),
-                "pos_known": np.ones(c, dtype=bool),
-                "sfreq": SFREQ,
-                "label": str(k),
-                "stimulus_id": f"synthetic:c{k:02d}:i{inst:02d}",
-                "meta": {"start_s": 0.0},
-            }
+            window_sample(
+                eeg,
+                names,
+                pos,
+                SFREQ,
+                key=f"bench_w{i:06d}",
+                shard="synthetic",
+                label=str(k),
+                stimulus_id=f"synthetic:c{k:02d}:i{inst:02d}",
+                meta={"start_s": 0.0},
+            )
         )
     return samples
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shards.preprocess import PreprocessConfig, preprocess
-from shards.reader import ReaderConfig, collate_eeg, make_loader
+from shards.reader import ReaderConfig, collate_eeg, make_loader, window_sample
 
 
 def windows_from_file(
@@ -36,25 +34,22 @@ def windows_from_file(
         reason = processed.rejected_reason or "no usable window"
         raise ValueError(f"--eeg {path}: nothing to decode ({reason})")
     ch = processed.channels
-    samples = []
-    for win in processed.windows[:max_windows]:
-        pos = np.nan_to_num(ch.positions).astype(np.float32)
-        samples.append(
-            {
-                "key": f"{path.stem}_w{win.index:06d}",
-                "shard": str(path),
-                "eeg": win.data.astype(np.float32),  # [C, T] uV
-                "ch_names": list(ch.names),
-                "ch_known": np.asarray(ch.known, dtype=bool),
-                "ch_pos": pos,
-                "pos_known": np.isfinite(ch.positions).all(axis=1),
-                "sfreq": processed.sfreq,
-                "label": win.label,
-                "stimulus_id": win.stimulus_id,
-                "meta": {"start_s": win.start_s},
-            }
+    return [
+        window_sample(
+            win.data,
+            ch.names,
+            ch.positions,
+            processed.sfreq,
+            processed.bad_channels,
+            key=f"{path.stem}_w{win.index:06d}",
+            shard=str(path),
+            ch_known=ch.known,
+            label=win.label,
+            stimulus_id=win.stimulus_id,
+            meta={"start_s": win.start_s},
         )
-    return samples
+        for win in processed.windows[:max_windows]
+    ]
 
 
 def windows_from_shards(folders: list[str], keys: list[str]) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.moe import BACKENDS, GATES, MoE, SwiGLU, load_imbalance
+from pretrain.packing import Packing, make_packing, packed_attention
 from pretrain.spectral import log_spectrum
 
 UNKNOWN_CHANNEL = "<unk>"
@@ -79,6 +80,10 @@ class EncoderConfig:
     # slope per head from local to global): volume conduction makes near channels redundant,
     # and the bias lets a head find them from the first step
     spatial_bias: bool = False
+    # learned slopes make the bias a tensor that needs a gradient, which sends CPU attention
+    # to PyTorch's unfused math kernel; fixed ALiBi-style slopes keep the fused one (a 128-
+    # channel recipe step: 988 -> 655 ms here)
+    learn_spatial_slopes: bool = True
     dropout: float = 0.0
     # Mixture of experts (n_experts == 0: dense SwiGLU MLP of width ffn_hidden).
     n_experts: int = 8  # E
@@ -91,8 +96,11 @@ class EncoderConfig:
     # Channels.
     pos_freqs: int = 8  # Fourier frequencies per axis for the position embedding
     channel_name_dropout: float = 0.0  # training only: name -> unknown, forces use of position
-    # Memory.
+    # Memory and compute (not architecture: the same weights run either way).
     activation_checkpointing: bool = False
+    # batches with padding (mixed montages, MAE's per-sample visible tokens) run packed:
+    # valid tokens only, attention per equal-length group (pretrain/packing.py)
+    packing: bool = True
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -131,6 +139,19 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
         return strict_from_dict(cls, data)
+
+
+def spatial_slopes(heads: int, enabled: bool, learned: bool, owner: nn.Module) -> Tensor | None:
+    """softplus^-1 of per-head slopes from 0.25 to 4 per head radius (local .. global heads),
+    as a parameter of ``owner`` or a buffer (same state-dict key either way)."""
+    if not enabled:
+        return None
+    slopes = torch.logspace(math.log10(0.25), math.log10(4.0), heads)
+    raw = torch.log(torch.expm1(slopes))
+    if learned:
+        return nn.Parameter(raw)
+    owner.register_buffer("spatial_slope", raw)
+    return owner.spatial_slope
 
 
 def strict_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
@@ -387,8 +408,16 @@ class Attention(nn.Module):
         nn.init.trunc_normal_(self.qkv.weight, std=0.02)
         nn.init.trunc_normal_(self.out.weight, std=out_std)
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        """`x [B, N, D]`, `attn_mask [B, 1, 1, N]` (True = key may be attended) -> `[B, N, D]`."""
+    def forward(self, x: Tensor, attn_mask: Tensor | Packing) -> Tensor:
+        """`x [B, N, D]`, `attn_mask [B, 1, 1, N]` (True = key may be attended) -> `[B, N, D]`;
+        or packed: `x [Nt, D]` with its :class:`Packing` -> `[Nt, D]`."""
+        if isinstance(attn_mask, Packing):
+            nt, d = x.shape
+            q, k, v = self.qkv(x).view(nt, 3, self.heads, d // self.heads).unbind(1)
+            q, k = self.q_norm(q), self.k_norm(k)  # [Nt, h, D/h]
+            dropout = self.dropout if self.training else 0.0
+            y = packed_attention(q, k, v, attn_mask, dropout)
+            return self.out(y.reshape(nt, d))
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)  # [B, N, h, D/h]
@@ -415,8 +444,11 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (x `[B, N, D]`, aux loss `[]`, expert counts `[E]` or `[0]`)."""
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | Packing, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (x `[B, N, D]` or packed `[Nt, D]`, aux loss `[]`, expert counts `[E]` or `[0]`);
+        ``valid`` is None when x is packed (every token real)."""
         x = x + self.drop(self.attn(self.norm1(x), attn_mask))
         h = self.norm2(x)
         if isinstance(self.ffn, MoE):
@@ -480,11 +512,9 @@ class Encoder(nn.Module):
         if self.scale_embed is not None:
             nn.init.trunc_normal_(self.scale_embed.weight, std=0.02)
             nn.init.zeros_(self.scale_embed.bias)
-        self.spatial_slope = None
-        if config.spatial_bias:
-            # softplus^-1 of slopes spread from 0.25 to 4 per head radius: local .. global heads
-            slopes = torch.logspace(math.log10(0.25), math.log10(4.0), config.heads)
-            self.spatial_slope = nn.Parameter(torch.log(torch.expm1(slopes)))
+        self.spatial_slope: Tensor | None = spatial_slopes(
+            config.heads, config.spatial_bias, config.learn_spatial_slopes, self
+        )
         # patch_embed keeps PyTorch's fan-in init (std ~ 1/sqrt(L)): the signal enters at unit
         # scale, above the 0.02-scale channel and time embeddings.
         nn.init.trunc_normal_(self.channel_embed.weight, std=0.02)
@@ -634,55 +664,77 @@ class Encoder(nn.Module):
         if token_mask is not None:
             seen = seen & ~token_mask
         patches, scale = self.normalize(inp, seen)
-        x = self.patch_embed(patches.to(dtype))  # [B, C, P, D]
-        if self.spectral_embed is not None:
-            power = log_spectrum(patches, cfg.spectral_bands)  # [B, C, P, bands]
-            power = power.masked_fill(~inp.valid[..., None], 0.0)
-            x = x + self.spectral_embed(power.to(dtype))
-        if token_mask is not None:
-            x = torch.where(token_mask[..., None], mask_token.to(x.dtype), x)
-        if self.scale_embed is not None:
-            log_scale = torch.log(scale * cfg.input_scale_uv / 10.0)  # ~0 for a 10 uV window
-            x = x + self.scale_embed(log_scale[:, None].to(dtype))[:, None, None, :]
-        x = x + self.position_embeddings(inp)
-        x = x.reshape(b, c * p, cfg.dim)  # [B, N, D]
-        valid = inp.valid.reshape(b, c * p)  # [B, N]
-        tok_pos = inp.ch_pos[:, :, None, :].expand(b, c, p, 3).reshape(b, c * p, 3)
-        tok_known = inp.pos_known[:, :, None].expand(b, c, p).reshape(b, c * p)
+        n = c * p
+        flat = patches.reshape(b, n, -1)  # [B, N, L]
+        valid = inp.valid.reshape(b, n)  # [B, N]
+        tok_pos = inp.ch_pos[:, :, None, :].expand(b, c, p, 3).reshape(b, n, 3)
+        tok_known = inp.pos_known[:, :, None].expand(b, c, p).reshape(b, n)
+        where = self.position_embeddings(inp).reshape(b, n, cfg.dim)  # [B, N, D]
         index = None
         if keep is not None:
-            flat_keep = (keep & inp.valid).reshape(b, c * p)
+            # MAE: hidden patches are dropped here, before any weight touches them
+            flat_keep = (keep & inp.valid).reshape(b, n)
             n_keep = int(flat_keep.sum(1).max().clamp_min(1))
             # kept tokens first, in token order (stable sort), then the rest as padding
             index = torch.sort((~flat_keep).to(torch.uint8), dim=1, stable=True).indices
             index = index[:, :n_keep]  # [B, Nk]
             valid = flat_keep.gather(1, index)
-            x = x.gather(1, index[..., None].expand(b, n_keep, cfg.dim))
-            x = x * valid[..., None].to(x.dtype)  # padding slots carry nothing of hidden patches
-            tok_pos = tok_pos.gather(1, index[..., None].expand(b, n_keep, 3))
+            # padding slots carry nothing of hidden patches
+            flat = flat.gather(1, index[..., None].expand(-1, -1, flat.shape[-1]))
+            flat = flat * valid[..., None].to(flat.dtype)
+            where = where.gather(1, index[..., None].expand(-1, -1, cfg.dim))
+            tok_pos = tok_pos.gather(1, index[..., None].expand(-1, -1, 3))
             tok_known = tok_known.gather(1, index)
-        # A sample with no valid token attends to everything (finite garbage, masked later)
-        # instead of to nothing (NaN through softmax).
-        keys = valid | ~valid.any(1, keepdim=True)
-        attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
-        if cfg.spatial_bias:
-            bias = self.spatial_bias(tok_pos, tok_known)  # [B, h, N, N]
-            attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(dtype)
+        x = self.patch_embed(flat.to(dtype))  # [B, N or Nk, D]
+        if self.spectral_embed is not None:
+            power = log_spectrum(flat, cfg.spectral_bands)  # [B, N, bands]
+            power = power.masked_fill(~valid[..., None], 0.0)
+            x = x + self.spectral_embed(power.to(dtype))
+        if token_mask is not None:
+            x = torch.where(token_mask.reshape(b, n, 1), mask_token.to(x.dtype), x)
+        if self.scale_embed is not None:
+            log_scale = torch.log(scale * cfg.input_scale_uv / 10.0)  # ~0 for a 10 uV window
+            x = x + self.scale_embed(log_scale[:, None].to(dtype))[:, None, :]
+        x = x + where
+        if keep is not None:
+            x = x * valid[..., None].to(x.dtype)
+        packing, block_valid = None, valid
+        if cfg.packing and not x.is_meta and not bool(valid.all()):
+            # padding (montages, kept counts) would cost compute: run the valid tokens only
+            bias = None
+            if cfg.spatial_bias:
+
+                def bias(rows: Tensor, idx: Tensor) -> Tensor:  # [b_L, L] -> [b_L, h, L, L]
+                    pos = tok_pos[rows].gather(1, idx[..., None].expand(*idx.shape, 3))
+                    return self.spatial_bias(pos, tok_known[rows].gather(1, idx)).to(dtype)
+
+            packing = make_packing(valid, bias)
+            x, attn_mask, block_valid = packing.pack(x), packing, None  # x [Nt, D]
+        else:
+            # A sample with no valid token attends to everything (finite garbage, masked
+            # later) instead of to nothing (NaN through softmax).
+            keys = valid | ~valid.any(1, keepdim=True)
+            attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
+            if cfg.spatial_bias:
+                bias = self.spatial_bias(tok_pos, tok_known)  # [B, h, N, N]
+                attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(dtype)
 
         aux = x.new_zeros((), dtype=torch.float32)
         counts = []
         use_ckpt = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
-                x, a, n = checkpoint(block, x, attn_mask, valid, use_reentrant=False)
+                x, a, n = checkpoint(block, x, attn_mask, block_valid, use_reentrant=False)
             else:
-                x, a, n = block(x, attn_mask, valid)
+                x, a, n = block(x, attn_mask, block_valid)
             aux = aux + a
             if isinstance(block.ffn, MoE):
                 counts.append(n)
                 if self.training and not x.is_meta:  # here, not in the block: not recomputed
                     block.ffn.record(n)
         x = self.norm(x)
+        if packing is not None:
+            x = packing.unpack(x)  # [B, N, D], zeros where padding
         expert_counts = (
             torch.stack(counts) if counts else torch.zeros(0, 0, dtype=torch.long, device=x.device)
         )

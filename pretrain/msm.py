@@ -47,6 +47,7 @@ from pretrain.encoder import (
     EncoderConfig,
     EncoderInput,
     get_config,
+    spatial_slopes,
     strict_from_dict,
 )
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
@@ -230,14 +231,18 @@ class Decoder(nn.Module):
     narrow)."""
 
     def __init__(
-        self, in_dim: int, dim: int, depth: int, heads: int, patch_len: int, spatial: bool = False
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        patch_len: int,
+        spatial: bool = False,
+        learn_slopes: bool = True,
     ):
         super().__init__()
         out_std = 0.02 / math.sqrt(2 * max(depth, 1))
-        self.spatial_slope = None
-        if spatial:  # as the encoder's: softplus^-1 of slopes 0.25 .. 4 per head radius
-            slopes = torch.logspace(math.log10(0.25), math.log10(4.0), heads)
-            self.spatial_slope = nn.Parameter(torch.log(torch.expm1(slopes)))
+        self.spatial_slope = spatial_slopes(heads, spatial, learn_slopes, self)  # as the encoder's
         self.proj = nn.Linear(in_dim, dim)
         self.blocks = nn.ModuleList(
             Block(dim, heads, SwiGLU(dim, 2 * dim, out_std), True, 0.0, out_std)
@@ -292,6 +297,7 @@ class MaskedSignalModel(nn.Module):
             config.decoder_heads,
             config.out_dim,
             spatial=enc.spatial_bias,
+            learn_slopes=enc.learn_spatial_slopes,
         )
         d = config.decoder_dim_resolved
         self.spatial_mix = SpatialMix(d, config.mix_heads) if config.mix_heads else None

@@ -456,22 +456,33 @@ def window_sample(
     sfreq: float,
     bad_channels: Sequence[str] = (),
     key: str = "",
+    *,
+    shard: str = "",
+    ch_known: Sequence[bool] | None = None,
+    label: str | None = None,
+    stimulus_id: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A decoded-sample dict (what `collate_eeg` takes) from a window that did not come from a
-    shard: `eeg [C, T]` uV, `ch_pos [C, 3]` metres with NaN where unknown."""
+    """The one sample type (what `decode_sample` gives and `collate_eeg` takes) for a window
+    that did not come from a shard -- a file at inference, probe and evaluation windows, the
+    benchmarks: `eeg [C, T]` uV, `ch_pos [C, 3]` metres with NaN where unknown."""
     return {
         "key": key,
-        "shard": "",
+        "shard": shard,
         "eeg": np.asarray(eeg, dtype=np.float32),
         "ch_names": list(ch_names),
-        "ch_known": np.ones(len(ch_names), dtype=bool),
+        "ch_known": (
+            np.ones(len(ch_names), dtype=bool)
+            if ch_known is None
+            else np.asarray(ch_known, dtype=bool)
+        ),
         "ch_pos": np.nan_to_num(ch_pos).astype(np.float32),
         "pos_known": np.isfinite(ch_pos).all(axis=1),
         "sfreq": float(sfreq),
-        "label": None,
-        "stimulus_id": None,
+        "label": label,
+        "stimulus_id": stimulus_id,
         "bad_channels": sorted(bad_channels),
-        "meta": {},
+        "meta": dict(meta or {}),
     }
 
 

@@ -130,3 +130,15 @@ def test_build_records_flags_in_manifest_and_samples(tmp_path, physionet):
     assert batch["meta"][0]["bad_channels"] == ["FT8"]
     assert not batch["channel_mask"][:, ft8].any()
     assert int(batch["channel_mask"][0].sum()) == len(batch["ch_names"][0]) - 1
+
+
+def test_inference_windows_of_a_file_mask_its_flagged_channels(physionet):
+    """`brainmoe generate --eeg FILE` builds the same sample type as the reader, flags included."""
+    from finetune.inputs import windows_from_file
+
+    samples = windows_from_file(physionet / EEGMMIDB / "S004" / "S004R04.edf", max_windows=3)
+    assert [s["bad_channels"] for s in samples] == [["FT8"]] * 3
+    batch = collate_eeg(samples)
+    ft8 = samples[0]["ch_names"].index("FT8")
+    assert not batch["channel_mask"][:, ft8].any()
+    assert batch["channel_mask"].sum(1).tolist() == [63, 63, 63]
