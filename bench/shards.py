@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import write_section  # noqa: E402
 from shards.build import BuildConfig, build  # noqa: E402
 from shards.config import load_config  # noqa: E402
+from shards.local_ray import init_local_ray  # noqa: E402
 from shards.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from shards.reader import ReaderConfig, make_loader  # noqa: E402
 from shards.recording import Rejected  # noqa: E402
@@ -44,7 +45,7 @@ def time_build(spec: str, workers: int, work: Path) -> tuple[float, float, int]:
 
     out = work / f"build-{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=workers)  # on 127.0.0.1 only, as `shards build` starts it
     try:
         # warm the workers (imports of MNE/SciPy) so the clock sees the steady state
         build(load_config(BuildConfig, sources=[WARMUP], out=str(work / "warmup"), workers=workers))

@@ -218,12 +218,9 @@ def _connect_ray(workers: int) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)  # inside `ray job submit`, or a cluster the user named
     else:
-        ray.init(
-            num_cpus=workers,
-            include_dashboard=False,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
+        from shards.local_ray import init_local_ray
+
+        init_local_ray(num_cpus=workers)  # every Ray server on 127.0.0.1 only
     return True
 
 

@@ -7,6 +7,8 @@ One Ray task per work unit (a subject or a file). A unit writes its own shards a
 small report under `units/`; the report is the unit's commit record. So a re-run skips
 every unit whose report matches, an interrupted build resumes where it stopped, and the
 final manifest is assembled from the reports -- same inputs and config, same bytes.
+A unit that failed is reported too, with the reason, but not taken as done: the next run
+retries it. One build at a time per output folder (lock.py).
 """
 
 from __future__ import annotations
@@ -17,19 +19,26 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from shards.config import load_config, to_dict
-from shards.manifest import MANIFEST, SIZES, UNITS_DIR, read_json
+from shards.config import to_dict
+from shards.local_ray import init_local_ray
+from shards.lock import build_lock
+from shards.manifest import MANIFEST, SIZES, UNITS_DIR, assemble_manifest, read_json, summary_table
 from shards.preprocess import PreprocessConfig, preprocess
 from shards.recording import Rejected, WorkUnit, fingerprint
 from shards.sources import get_source
-from shards.writer import UnitShardWriter, atomic_write_text, encode_sample, remove_unit_shards
+from shards.writer import (
+    UnitShardWriter,
+    atomic_write_text,
+    encode_sample,
+    remove_partials,
+    remove_unit_shards,
+)
 
 FORMAT_VERSION = 1
 
@@ -98,15 +107,8 @@ def plan(config: BuildConfig) -> list[PlannedUnit]:
     return planned
 
 
-def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -> dict[str, Any]:
-    """Load, preprocess and write one unit; always returns a report (never raises on data)."""
-    out = Path(out_dir)
-    remove_unit_shards(out, unit.id)
-    cfg = config.preprocess
-    writer = UnitShardWriter(
-        out, unit.id, config.shards.maxcount, int(config.shards.maxsize_mb * 2**20)
-    )
-    report: dict[str, Any] = {
+def _new_report(spec: str, unit: WorkUnit, config: BuildConfig) -> dict[str, Any]:
+    return {
         "unit": unit.id,
         "spec": spec,
         "fingerprint": unit.fingerprint,
@@ -115,6 +117,25 @@ def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -
         "recordings": [],
         "shards": [],
     }
+
+
+def _save_report(out: Path, report: dict[str, Any]) -> None:
+    report["windows"] = sum(s["samples"] for s in report["shards"])
+    units_dir = out / UNITS_DIR
+    units_dir.mkdir(exist_ok=True)
+    path = units_dir / f"{report['unit']}.json"
+    atomic_write_text(path, json.dumps(report, indent=1, sort_keys=True))
+
+
+def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -> dict[str, Any]:
+    """Load, preprocess and write one unit; always returns a report (never raises on data)."""
+    out = Path(out_dir)
+    remove_unit_shards(out, unit.id)
+    cfg = config.preprocess
+    writer = UnitShardWriter(
+        out, unit.id, config.shards.maxcount, int(config.shards.maxsize_mb * 2**20)
+    )
+    report = _new_report(spec, unit, config)
     started = time.perf_counter()
     try:
         source = get_source(spec)
@@ -180,7 +201,7 @@ def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -
                 }
                 writer.write(encode_sample(key, win.data, meta))
         report["shards"] = writer.close()
-    except Exception as err:  # a unit that cannot be loaded is reported, not fatal
+    except Exception as err:  # a unit that cannot be loaded is reported (and retried), not fatal
         writer.abort()
         report.update(
             status="error",
@@ -188,11 +209,18 @@ def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -
             traceback=traceback.format_exc(limit=6),
             shards=[],
         )
-    report["windows"] = sum(s["samples"] for s in report["shards"])
-    units_dir = out / UNITS_DIR
-    units_dir.mkdir(exist_ok=True)
-    atomic_write_text(units_dir / f"{unit.id}.json", json.dumps(report, indent=1, sort_keys=True))
+    _save_report(out, report)
     report["seconds"] = time.perf_counter() - started  # not persisted: reports stay deterministic
+    return report
+
+
+def _lost_unit(item: PlannedUnit, config: BuildConfig, out: Path, err: Exception) -> dict:
+    """The report of a unit whose Ray task died on every try (its worker crashed, say)."""
+    remove_unit_shards(out, item.unit.id)
+    report = _new_report(item.spec, item.unit, config)
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    report.update(status="error", reason=f"{type(err).__name__}: {first_line}"[:500])
+    _save_report(out, report)
     return report
 
 
@@ -201,12 +229,14 @@ def _finite(v: float) -> bool:
 
 
 def _finished(out: Path, item: PlannedUnit, settings: str) -> bool:
+    """Built already, with these inputs and settings; a failed unit never is."""
     path = out / UNITS_DIR / f"{item.unit.id}.json"
     if not path.exists():
         return False
     report = read_json(path)
     return (
-        report.get("fingerprint") == item.fingerprint
+        report.get("status") == "ok"
+        and report.get("fingerprint") == item.fingerprint
         and report.get("settings") == settings
         and all((out / s["name"]).exists() for s in report["shards"])
     )
@@ -238,36 +268,45 @@ def run_units(todo: list[PlannedUnit], config: BuildConfig, out: Path) -> list[d
         elif os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)  # inside `ray job submit`: join that cluster
         else:
-            ray.init(
-                num_cpus=config.workers or os.cpu_count(),
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+            init_local_ray(num_cpus=config.workers or os.cpu_count())
     task = ray.remote(num_cpus=1, max_retries=config.task_retries)(process_unit)
     limit = config.workers or int(ray.cluster_resources().get("CPU", 1))
     config_ref = ray.put(config)
     pending = list(todo)
-    running = []
+    running: dict[Any, PlannedUnit] = {}
     while pending or running:
         while pending and len(running) < 2 * limit:
             item = pending.pop(0)
-            running.append(task.remote(item.spec, item.unit, config_ref, str(out)))
-        ready, running = ray.wait(running, num_returns=1)
-        done(ray.get(ready[0]))
+            running[task.remote(item.spec, item.unit, config_ref, str(out))] = item
+        ready, _ = ray.wait(list(running), num_returns=1)
+        item = running.pop(ready[0])
+        try:
+            done(ray.get(ready[0]))
+        except ray.exceptions.RayError as err:  # the unit is lost, not the build
+            done(_lost_unit(item, config, out, err))
     bar.close()
     return reports
 
 
 def build(config: BuildConfig) -> dict[str, Any]:
-    """Build (or finish, or confirm) the corpus at `config.out`; returns the manifest."""
+    """Build (or finish, or confirm) the corpus at `config.out`; returns the manifest.
+
+    Raises ValueError for bad configs and specs, and BuildLocked (a ValueError) while
+    another build writes into the same folder.
+    """
     config.validate()
     out = Path(config.out)
+    with build_lock(out):
+        return _build_locked(config, out)
+
+
+def _build_locked(config: BuildConfig, out: Path) -> dict[str, Any]:
+    remove_partials(out, out / UNITS_DIR)  # a killed build's leftovers; nobody else writes here
     planned = plan(config)
     settings = config.output_settings()
     settings_fp = fingerprint(settings)
     build_fp = fingerprint(settings, [(p.spec, p.unit.id, p.fingerprint) for p in planned])
 
-    out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "build.json"
     if settings_path.exists():
         previous = read_json(settings_path)
@@ -284,8 +323,10 @@ def build(config: BuildConfig) -> dict[str, Any]:
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         manifest = read_json(manifest_path)
-        if manifest.get("build") == build_fp and all(
-            (out / s["name"]).exists() for s in manifest["shards"]
+        if (
+            manifest.get("build") == build_fp
+            and not manifest["totals"].get("units_failed")
+            and all((out / s["name"]).exists() for s in manifest["shards"])
         ):
             print(
                 f"{out}: up to date ({len(manifest['shards'])} shards, "
@@ -305,7 +346,8 @@ def build(config: BuildConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
 
     _remove_stale(out, {p.unit.id for p in planned})
-    manifest = assemble_manifest(out, planned, config, build_fp)
+    units = [(p.unit.id, p.spec) for p in planned]
+    manifest = assemble_manifest(out, units, _header(config, build_fp))
     atomic_write_text(
         out / SIZES,
         json.dumps({s["name"]: s["samples"] for s in manifest["shards"]}, indent=1, sort_keys=True),
@@ -332,143 +374,31 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def assemble_manifest(
-    out: Path, planned: list[PlannedUnit], config: BuildConfig, build_fp: str
-) -> dict[str, Any]:
-    shards, recordings, units = [], [], []
-    totals: Counter = Counter()
-    rejected_windows: Counter = Counter()
-    for item in planned:
-        report = read_json(out / UNITS_DIR / f"{item.unit.id}.json")
-        units.append(
-            {
-                "unit": item.unit.id,
-                "spec": item.spec,
-                "status": report["status"],
-                "reason": report.get("reason"),
-                "windows": report["windows"],
-                "shards": [s["name"] for s in report["shards"]],
-            }
-        )
-        shards.extend({**s, "unit": item.unit.id} for s in report["shards"])
-        for rec in report["recordings"]:
-            recordings.append({"unit": item.unit.id, **rec})
-            rejected_windows.update(rec.get("rejected_windows", {}))
-            totals["recordings"] += 1
-            totals["recordings_rejected"] += rec["status"] != "ok"
-        totals["units_failed"] += report["status"] != "ok"
-    totals["samples"] = sum(s["samples"] for s in shards)
-    totals["bytes"] = sum(s["bytes"] for s in shards)
-    totals["shards"] = len(shards)
-    totals["units"] = len(planned)
+def _header(config: BuildConfig, build_fp: str) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "build": build_fp,
         "config": {"sources": list(config.sources), **config.output_settings()},
         "window_s": config.preprocess.window_s,
-        "totals": dict(sorted(totals.items())),
-        "rejected_windows": dict(sorted(rejected_windows.items())),
-        "units": units,
-        "shards": shards,
-        "recordings": recordings,
     }
 
 
-def summary_table(manifest: dict[str, Any]) -> str:
-    """Per dataset: units, recordings, windows kept and rejected, hours, failures."""
-    rows: dict[str, Counter] = defaultdict(Counter)
-    window_h = manifest["window_s"] / 3600
-    for rec in manifest["recordings"]:
-        row = rows[rec["provenance"]["dataset"]]
-        row["recordings"] += 1
-        row["rejected recs"] += rec["status"] != "ok"
-        row["windows"] += rec["windows"]
-        row["rejected windows"] += sum(rec.get("rejected_windows", {}).values())
-    for unit in manifest["units"]:
-        if unit["status"] != "ok":
-            rows[f"(failed) {unit['unit']}"]["recordings"] += 0
-    header = ["dataset", "recordings", "rejected recs", "windows", "rejected windows", "hours"]
-    lines = [header]
-    for name, row in sorted(rows.items()):
-        lines.append(
-            [name] + [str(row[h]) for h in header[1:-1]] + [f"{row['windows'] * window_h:.2f}"]
-        )
-    t = manifest["totals"]
-    lines.append(
-        [
-            "total",
-            str(t.get("recordings", 0)),
-            str(t.get("recordings_rejected", 0)),
-            str(t["samples"]),
-            str(sum(manifest["rejected_windows"].values())),
-            f"{t['samples'] * window_h:.2f}",
-        ]
-    )
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-
-    def fmt(r: list[str]) -> str:
-        cells = zip(r, widths, strict=True)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-
-    out = [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]]
-    failed = [u for u in manifest["units"] if u["status"] != "ok"]
-    for unit in failed:
-        out.append(f"unit {unit['unit']} failed: {unit['reason']}")
-    out.append(f"{t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB")
-    return "\n".join(out)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--source",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help="an EEG source, e.g. synthetic, moabb:PhysionetMI?subjects=1, "
-        "files:DIR, things-eeg2:DIR, imagenet-eeg:FILE (repeatable)",
-    )
-    parser.add_argument("--out", help="output folder for shards and manifest")
-    parser.add_argument("--workers", type=int, help="parallel Ray tasks (0: no Ray, in-process)")
-    parser.add_argument(
-        "--ray-address",
-        help="Ray cluster address (default: local, or the cluster of `ray job submit`)",
-    )
-    parser.add_argument("--config", help="YAML config (e.g. configs/shards/default.yaml)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. preprocess.sfreq=250 shards.maxcount=500",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    return load_config(
-        BuildConfig,
-        args.config,
-        args.overrides,
-        sources=args.source,
-        out=args.out,
-        workers=args.workers,
-        ray_address=args.ray_address,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
+    from shards.cli import add_build_arguments, build_config_from_args, build_exit_code
+
     parser = argparse.ArgumentParser(
         prog="python -m shards.build",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(parser)
+    add_build_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
-        build(config)
+        manifest = build(build_config_from_args(args))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return build_exit_code(manifest)
 
 
 if __name__ == "__main__":

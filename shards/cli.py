@@ -10,13 +10,13 @@ def add_parser(subparsers) -> None:
     shards = subparsers.add_parser("shards", help="build and check EEG WebDataset shards")
     sub = shards.add_subparsers(dest="shards_command", required=True)
 
-    from shards.build import add_arguments
-
     build = sub.add_parser("build", help="turn EEG sources into shards (Ray-parallel, resumable)")
-    add_arguments(build)
+    add_build_arguments(build)
     build.set_defaults(func=_build)
 
-    verify = sub.add_parser("verify", help="re-hash shards against the manifest")
+    verify = sub.add_parser(
+        "verify", help="re-hash shards against the manifest; fails while any unit failed"
+    )
     verify.add_argument("dir")
     verify.set_defaults(func=_verify)
 
@@ -31,11 +31,54 @@ def add_parser(subparsers) -> None:
     inspect.set_defaults(func=_inspect)
 
 
-def _build(args: argparse.Namespace) -> int:
-    from shards.build import build, config_from_args
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="an EEG source, e.g. synthetic, moabb:PhysionetMI?subjects=1, "
+        "files:DIR, things-eeg2:DIR, imagenet-eeg:FILE (repeatable)",
+    )
+    parser.add_argument("--out", help="output folder for shards and manifest")
+    parser.add_argument("--workers", type=int, help="parallel Ray tasks (0: no Ray, in-process)")
+    parser.add_argument(
+        "--ray-address",
+        help="Ray cluster address (default: local, or the cluster of `ray job submit`)",
+    )
+    parser.add_argument("--config", help="YAML config (e.g. configs/shards/default.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. preprocess.sfreq=250 shards.maxcount=500",
+    )
 
-    build(config_from_args(args))
-    return 0
+
+def build_config_from_args(args: argparse.Namespace):
+    from shards.build import BuildConfig
+    from shards.config import load_config
+
+    return load_config(
+        BuildConfig,
+        args.config,
+        args.overrides,
+        sources=args.source,
+        out=args.out,
+        workers=args.workers,
+        ray_address=args.ray_address,
+    )
+
+
+def build_exit_code(manifest: dict) -> int:
+    """0 when every unit was built; 1 when some failed (the summary said which, and why)."""
+    return 1 if manifest["totals"].get("units_failed") else 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from shards.build import build
+
+    return build_exit_code(build(build_config_from_args(args)))
 
 
 def _verify(args: argparse.Namespace) -> int:

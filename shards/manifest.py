@@ -7,6 +7,11 @@ DIR/sizes.json      {shard name: samples}, as open_clip's reader expects
 DIR/build.json      the settings the shards were written with
 DIR/units/*.json    one report per work unit (the resume records)
 DIR/*.tar           the shards
+DIR/.lock/          held while a build runs (lock.py)
+
+A unit whose build failed keeps its report (the manifest lists it as failed, with the
+reason) but does not count as done: the next build retries it, and `verify` fails until
+every unit is built.
 """
 
 from __future__ import annotations
@@ -35,13 +40,122 @@ def load_manifest(build_dir: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
+def assemble_manifest(
+    out: Path, units: list[tuple[str, str]], header: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest from the reports of `units` ([(unit id, source spec)], in build order)."""
+    shards, recordings, entries = [], [], []
+    totals: Counter = Counter()
+    rejected_windows: Counter = Counter()
+    for unit_id, spec in units:
+        report = read_json(out / UNITS_DIR / f"{unit_id}.json")
+        entries.append(
+            {
+                "unit": unit_id,
+                "spec": spec,
+                "status": report["status"],
+                "reason": report.get("reason"),
+                "windows": report["windows"],
+                "shards": [s["name"] for s in report["shards"]],
+            }
+        )
+        shards.extend({**s, "unit": unit_id} for s in report["shards"])
+        for rec in report["recordings"]:
+            recordings.append({"unit": unit_id, **rec})
+            rejected_windows.update(rec.get("rejected_windows", {}))
+            totals["recordings"] += 1
+            totals["recordings_rejected"] += rec["status"] != "ok"
+        totals["units_failed"] += report["status"] != "ok"
+    totals["samples"] = sum(s["samples"] for s in shards)
+    totals["bytes"] = sum(s["bytes"] for s in shards)
+    totals["shards"] = len(shards)
+    totals["units"] = len(units)
+    return {
+        **header,
+        "totals": dict(sorted(totals.items())),
+        "rejected_windows": dict(sorted(rejected_windows.items())),
+        "units": entries,
+        "shards": shards,
+        "recordings": recordings,
+    }
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """Per dataset: units, recordings, windows kept and rejected, hours, failures."""
+    rows: dict[str, Counter] = defaultdict(Counter)
+    window_h = manifest["window_s"] / 3600
+    for rec in manifest["recordings"]:
+        row = rows[rec["provenance"]["dataset"]]
+        row["recordings"] += 1
+        row["rejected recs"] += rec["status"] != "ok"
+        row["windows"] += rec["windows"]
+        row["rejected windows"] += sum(rec.get("rejected_windows", {}).values())
+    for unit in manifest["units"]:
+        if unit["status"] != "ok":
+            rows[f"(failed) {unit['unit']}"]["recordings"] += 0
+    header = ["dataset", "recordings", "rejected recs", "windows", "rejected windows", "hours"]
+    lines = [header]
+    for name, row in sorted(rows.items()):
+        lines.append(
+            [name] + [str(row[h]) for h in header[1:-1]] + [f"{row['windows'] * window_h:.2f}"]
+        )
+    t = manifest["totals"]
+    lines.append(
+        [
+            "total",
+            str(t.get("recordings", 0)),
+            str(t.get("recordings_rejected", 0)),
+            str(t["samples"]),
+            str(sum(manifest["rejected_windows"].values())),
+            f"{t['samples'] * window_h:.2f}",
+        ]
+    )
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        cells = zip(r, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
+    out = [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines[1:]]
+    failed = [u for u in manifest["units"] if u["status"] != "ok"]
+    for unit in failed:
+        out.append(f"unit {unit['unit']} failed: {unit['reason']}")
+    out.append(f"{t['shards']} shards, {t['bytes'] / 2**20:.1f} MiB")
+    if failed:
+        out.append(
+            f"{len(failed)} unit(s) failed and are not in the shards; "
+            "run the same build again to retry them"
+        )
+    return "\n".join(out)
+
+
+def unit_problems(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """Units that are failed, or whose report is gone: the corpus is not whole."""
+    problems = []
+    for unit in manifest["units"]:
+        if unit["status"] != "ok":
+            problems.append(
+                f"unit {unit['unit']} failed ({unit['reason']}); its data is not in the "
+                "shards: re-run the build to retry it"
+            )
+        elif not (build_dir / UNITS_DIR / f"{unit['unit']}.json").exists():
+            problems.append(f"unit {unit['unit']}: report {UNITS_DIR}/{unit['unit']}.json missing")
+    if len(manifest["units"]) != manifest["totals"].get("units", len(manifest["units"])):
+        problems.append(
+            f"manifest lists {len(manifest['units'])} units, its totals say "
+            f"{manifest['totals']['units']}"
+        )
+    return problems
+
+
 def verify(build_dir: str | Path) -> list[str]:
-    """Re-hash every shard against the manifest; returns the problems (empty if all is well)."""
+    """Re-hash every shard against the manifest, and check that every unit was built;
+    returns the problems (empty if all is well)."""
     from shards.writer import sha256_file
 
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
-    problems = []
+    problems = unit_problems(build_dir, manifest)
     listed = set()
     for shard in manifest["shards"]:
         listed.add(shard["name"])

@@ -69,6 +69,15 @@ def remove_unit_shards(out_dir: Path, unit_id: str) -> None:
             path.unlink()
 
 
+def remove_partials(*folders: Path) -> None:
+    """Delete the temporary files an interrupted build left; only safe under the build lock,
+    when no other build can be writing them."""
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.glob(f"*{PARTIAL}"):
+                path.unlink(missing_ok=True)
+
+
 class UnitShardWriter:
     """Rotates `<unit id>-NNNNN.tar` at `maxcount` samples or `maxsize` bytes."""
 

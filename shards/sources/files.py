@@ -2,7 +2,9 @@
 
 One work unit per file, so one unreadable file costs one unit and is reported as such.
 BIDS entities in file names (sub-, ses-, run-) become the provenance; otherwise the path
-relative to the folder identifies the recording.
+relative to the folder identifies the recording. Files are read in a child process
+(contained.py): a reader that dies there by a signal rejects its file, with the signal in
+the reason, instead of taking the build down.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from shards.recording import Provenance, Recording, Rejected, WorkUnit, fingerprint, safe_key
 from shards.sources import Spec, parse_params
+from shards.sources.contained import ReaderCrashed, call_contained
 from shards.sources.mne_raw import recording_from_raw
 
 # Header files that name a recording; companions (.fdt, .eeg, .vmrk, .evt) are read through them.
@@ -42,6 +45,7 @@ class FilesParams:
     dataset: str | None = None  # dataset name in provenance; default: the folder's name
     pattern: str = "**/*"  # glob under the folder
     preload_limit_mb: float = 4096.0  # larger files are rejected instead of exhausting memory
+    read_timeout_s: float = 1800.0  # a reader still busy after this is killed (0: no limit)
 
 
 class FilesSource:
@@ -93,23 +97,39 @@ class FilesSource:
         if size_mb > self.params.preload_limit_mb:
             yield Rejected(provenance, f"file too large to preload ({size_mb:.0f} MB)")
             return
-        try:
-            raw = read_raw(path)
-        except Exception as err:  # any reader failure is this file's problem, not the build's
-            yield Rejected(provenance, f"unreadable: {type(err).__name__}: {err}")
+        timeout = self.params.read_timeout_s or None
+        try:  # any reader failure, crash included, is this file's problem, not the build's
+            recording = call_contained(read_recording, path, provenance, timeout_s=timeout)
+        except ReaderCrashed as err:
+            yield Rejected(provenance, str(err))
             return
-        yield recording_from_raw(raw, provenance)
+        except Exception as err:
+            yield Rejected(provenance, f"unreadable: {err}")
+            return
+        yield recording
+
+
+def read_recording(path: Path, provenance: Provenance) -> Recording:
+    """One file as a Recording; `load` runs it in the reader child."""
+    return recording_from_raw(read_raw(path), provenance)
+
+
+def is_riff(path: Path) -> bool:
+    """A RIFF container (ANT Neuro eego `.cnt`), by its first four bytes: RIFF, or RF64."""
+    with open(path, "rb") as fh:
+        return fh.read(4) in (b"RIFF", b"RF64")
 
 
 def read_raw(path: Path):
-    """MNE's reader for a path; `.cnt` is tried as ANT Neuro first, then as Neuroscan."""
+    """MNE's reader for a path. `.cnt` is two formats, told apart by content, never by trial:
+    ANT Neuro's are RIFF containers, Neuroscan's are not -- and the ANT reader (libeep)
+    segfaults or exits on a Neuroscan file instead of raising, so it must never see one."""
     import mne
 
     if path.suffix.lower() == ".cnt":
-        try:
+        if is_riff(path):
             return mne.io.read_raw_ant(path, preload=True, verbose="error")
-        except Exception:
-            return mne.io.read_raw_cnt(path, preload=True, verbose="error")
+        return mne.io.read_raw_cnt(path, preload=True, verbose="error")
     return mne.io.read_raw(path, preload=True, verbose="error")
 
 
