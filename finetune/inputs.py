@@ -16,17 +16,17 @@ def windows_from_file(
 ) -> list[dict[str, Any]]:
     """Reader-format samples of the first `max_windows` windows of one recording file."""
     from shards.recording import Provenance, Rejected
-    from shards.sources.files import read_raw
-    from shards.sources.mne_raw import recording_from_raw
+    from shards.sources.contained import ReaderCrashed, ReaderFailed, call_contained
+    from shards.sources.files import read_recording
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--eeg {path}: no such file")
-    try:
-        raw = read_raw(path)
-    except Exception as err:  # MNE raises many types for unreadable files
+    provenance = Provenance("file", path.stem, "0", "0", file=str(path))
+    try:  # in the reader child, as the build reads: a native reader's crash stays there
+        rec = call_contained(read_recording, path, provenance)
+    except (ReaderFailed, ReaderCrashed) as err:
         raise ValueError(f"--eeg {path}: MNE cannot read it ({err})") from None
-    rec = recording_from_raw(raw, Provenance("file", path.stem, "0", "0", file=str(path)))
     if isinstance(rec, Rejected):
         raise ValueError(f"--eeg {path}: {rec.reason}")
     processed = preprocess(rec, preprocess_cfg or PreprocessConfig())
@@ -74,21 +74,24 @@ def windows_from_shards(folders: list[str], keys: list[str]) -> list[dict[str, A
 
 
 def _uncollate(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch of one back into the sample type, cropped to its real channels and samples."""
     c = len(batch["ch_names"][0])  # not channel_mask: flagged bad channels are False there
     t = int(batch["time_mask"][0].sum())
-    return {
-        "key": batch["key"][0],
-        "shard": batch["shard"][0],
-        "eeg": batch["eeg"][0, :c, :t].numpy(),
-        "ch_names": batch["ch_names"][0][:c],
-        "ch_known": batch["ch_known"][0, :c].numpy(),
-        "ch_pos": batch["ch_pos"][0, :c].numpy(),
-        "pos_known": batch["pos_known"][0, :c].numpy(),
-        "sfreq": float(batch["sfreq"][0]),
-        "label": batch["label"][0],
-        "stimulus_id": batch["stimulus_id"][0],
-        "meta": batch["meta"][0],
-    }
+    pos = batch["ch_pos"][0, :c].numpy().copy()
+    pos[~batch["pos_known"][0, :c].numpy()] = float("nan")
+    return window_sample(
+        batch["eeg"][0, :c, :t].numpy(),
+        batch["ch_names"][0][:c],
+        pos,
+        float(batch["sfreq"][0]),
+        batch.get("bad_channels", [[]])[0],
+        key=batch["key"][0],
+        shard=batch["shard"][0],
+        ch_known=batch["ch_known"][0, :c].numpy(),
+        label=batch["label"][0],
+        stimulus_id=batch["stimulus_id"][0],
+        meta=batch["meta"][0],
+    )
 
 
 def batches(samples: list[dict[str, Any]], batch_size: int = 8):
