@@ -62,11 +62,14 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from finetune.config import FinetuneConfig
-    from finetune.prepare import ensure_clip, prepare
-    from shards.config import load_config
+    from finetune.prepare import ensure_clip, prepare, validate_finetune
+    from pretrain.config import load_run_config
+    from pretrain.tracking import check_tracking_store
 
     world = check_launch_arguments(args)
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_run_config(FinetuneConfig, args.config, args.overrides)
+    validate_finetune(cfg, world)  # the cheap checks, before prepare() reads anything
+    check_tracking_store(cfg.tracking)  # before prepare() resolves models:/ URIs through it
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(cfg, world, Path(tmp))
     print(prepared.split.summary(), flush=True)

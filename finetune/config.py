@@ -8,6 +8,7 @@ run folder, flattened into MLflow params, and the generated DeepSpeed JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from finetune.clip_cache import ClipConfig
 from finetune.heads.image import ImageHeadConfig
@@ -15,7 +16,17 @@ from finetune.heads.retrieval import RetrievalHeadConfig
 from finetune.heads.text import TextHeadConfig
 from finetune.multitask import TaskWeightingConfig
 from finetune.splits import SplitConfig
-from pretrain.config import RegisterConfig, RunPaths, TrainConfig
+from pretrain.config import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    Range,
+    RegisterConfig,
+    RunPaths,
+    TrainConfig,
+)
 from pretrain.ds_config import DistConfig, OptimConfig
 from pretrain.tracking import TrackingConfig
 from shards.reader import ReaderConfig
@@ -64,6 +75,45 @@ class FinetuneTrainConfig(TrainConfig):
 
 @dataclass
 class FinetuneConfig(RunPaths):
+    # numbers of the parts particular to finetuning (the shared ones: pretrain.config.RUN_RANGES),
+    # checked by validate_run before any rank starts
+    ranges: ClassVar[dict[str, Range]] = {
+        "data.stimuli.render_size": COUNT,
+        "data.clip.batch_size": COUNT,
+        "data.clip.chunk_size": COUNT,
+        "data.split.test_fraction": FRACTION,
+        "encoder.top_blocks": COUNT,
+        "encoder.lora_rank": COUNT,
+        "encoder.lora_alpha": POSITIVE,
+        "train.eval_windows": NON_NEGATIVE,
+        "train.eval_images": NON_NEGATIVE,
+        "retrieval.clip_dim": NON_NEGATIVE,
+        "retrieval.hidden": COUNT,
+        "retrieval.temperature_init": POSITIVE,
+        "retrieval.text_weight": NON_NEGATIVE,
+        "retrieval.cosine_weight": NON_NEGATIVE,
+        "retrieval.queries": COUNT,
+        "retrieval.dropout": PROBABILITY,
+        "image.context_len": NON_NEGATIVE,
+        "image.lora_rank": COUNT,
+        "image.lora_alpha": POSITIVE,
+        "image.clip_weight": NON_NEGATIVE,
+        "image.projector_depth": COUNT,
+        "image.projector_heads": COUNT,
+        "image.uncond_prob": PROBABILITY,
+        "image.image_size": NON_NEGATIVE,
+        "image.guidance_scale": NON_NEGATIVE,
+        "image.num_inference_steps": COUNT,
+        "text.prefix_tokens": COUNT,
+        "text.lora_rank": COUNT,
+        "text.lora_alpha": POSITIVE,
+        "text.lora_dropout": PROBABILITY,
+        "text.max_caption_tokens": COUNT,
+        "text.max_new_tokens": COUNT,
+        "weighting.gate_floor": PROBABILITY,
+        "weighting.gate_kl": NON_NEGATIVE,
+    }
+
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     encoder: EncoderSetup = field(default_factory=EncoderSetup)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.config import FinetuneConfig
     from finetune.prepare import validate_finetune
     from finetune.trainer import FinetuneTrainer
-    from pretrain.trainer import run_main
+    from pretrain.worker import run_main
 
     return run_main(argv, __doc__, FinetuneConfig, validate_finetune, FinetuneTrainer)
 

@@ -1,8 +1,9 @@
 """`brainmoe pretrain | export | register | probe`: the pretraining layer's commands.
 
-`brainmoe pretrain` checks the whole config (world size included) in this process, so a
-mistake costs a second instead of a DeepSpeed launch, then hands over to the `deepspeed`
-launcher; on a machine without CUDA it selects DeepSpeed's CPU accelerator (gloo).
+`brainmoe pretrain` checks the whole config (world size included, and that an http tracking
+server answers) in this process, so a mistake costs a second instead of a DeepSpeed launch,
+then hands over to the `deepspeed` launcher; on a machine without CUDA it selects DeepSpeed's
+CPU accelerator (gloo). A single-node run keeps its rendezvous on the loopback interface.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def add_parsers(subparsers) -> None:
     )
     probe.add_argument(
         "--pooling",
-        choices=("mean", "regions"),
+        choices=("mean", "regions", "moments"),
         default="mean",
         help="mean of all tokens, or per 10-20 region (keeps left/right; see pretrain.probe)",
     )
@@ -124,6 +125,8 @@ def launch_command(args: argparse.Namespace, run_py: Path = RUN_PY) -> list[str]
     cmd = [str(launcher) if launcher.exists() else "deepspeed"]
     if args.hostfile:
         cmd += ["--hostfile", args.hostfile, "--num_nodes", str(args.num_nodes)]
+    else:  # one node: the ranks meet on 127.0.0.1, not on an address other machines reach
+        cmd += ["--master_addr", "127.0.0.1"]
     cmd += ["--num_gpus", str(args.num_gpus), "--master_port", str(args.master_port or free_port())]
     cmd += [str(run_py)]
     if args.config:
@@ -132,18 +135,22 @@ def launch_command(args: argparse.Namespace, run_py: Path = RUN_PY) -> list[str]
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from pretrain.config import PretrainConfig
+    from pretrain.config import PretrainConfig, load_run_config
     from pretrain.model import validate_config
-    from shards.config import load_config
+    from pretrain.tracking import check_tracking_store
 
     world = check_launch_arguments(args)
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_run_config(PretrainConfig, args.config, args.overrides)
     validate_config(cfg, world_size=world)
+    check_tracking_store(cfg.tracking)
     return launch(args, RUN_PY)
 
 
-def launch(args: argparse.Namespace, run_py: Path) -> int:
-    """Hand over to the deepspeed launcher, in this environment (CPU: DeepSpeed's gloo)."""
+def launch_env(args: argparse.Namespace) -> dict[str, str]:
+    """The launcher's environment: this one's `python`s, CPU DeepSpeed without CUDA, and on one
+    node gloo on the loopback interface (it listens on the interface its host name resolves to
+    unless told otherwise; torch's TCPStore on --master_port listens on every interface,
+    whatever is passed)."""
     env = dict(os.environ)
     # the launcher starts `python`s of its own: make them this environment's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -152,9 +159,16 @@ def launch(args: argparse.Namespace, run_py: Path) -> int:
 
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"  # gloo on CPU: laptops, CI
+    if not args.hostfile and Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+def launch(args: argparse.Namespace, run_py: Path) -> int:
+    """Hand over to the deepspeed launcher, in this environment (CPU: DeepSpeed's gloo)."""
     cmd = launch_command(args, run_py)
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=launch_env(args)).returncode
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -6,14 +6,131 @@ the run folder, flattened into MLflow params, and the generated DeepSpeed JSON.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+from pretrain import checkpoint
 from pretrain.ds_config import DistConfig, OptimConfig
 from pretrain.tracking import TrackingConfig
 from shards.manifest import load_manifest
 from shards.reader import ReaderConfig
+
+T = TypeVar("T")
+
+
+def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str]) -> T:
+    """`shards.config.load_config`, with a broken YAML file a ValueError naming file:line.
+
+    (yaml's own error is a multi-line traceback; OmegaConf passes it through unwrapped.)"""
+    import yaml
+
+    from shards.config import load_config
+
+    try:
+        return load_config(cls, path, overrides)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(
+            str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x
+        )
+        raise ValueError(f"{where}: YAML syntax error: {what or err}") from None
+    except TypeError as err:  # OmegaConf's answer to e.g. a YAML list at the top level
+        if path is None:
+            raise
+        raise ValueError(
+            f"{path}: {err}: a run config maps section names (data, optim, train, ...) to "
+            "their settings"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: low/high bounds, each inclusive unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low}, {self.high}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+COUNT = Range(1)  # steps, batch sizes, ranks: whole numbers >= 1
+FRACTION = Range(0, 1, low_open=True, high_open=True)  # mask ratios, test fractions
+PROBABILITY = Range(0, 1, high_open=True)  # betas, dropout
+UNIT = Range(0, 1)
+
+# Every numeric setting the shared run parts have (None, where allowed, is not checked).
+RUN_RANGES: dict[str, Range] = {
+    "optim.lr": POSITIVE,
+    "optim.min_lr_ratio": UNIT,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.betas.0": PROBABILITY,
+    "optim.betas.1": PROBABILITY,
+    "optim.grad_clip": NON_NEGATIVE,
+    "dist.micro_batch": COUNT,
+    "dist.grad_accum": COUNT,
+    "dist.global_batch": COUNT,
+    "train.steps": COUNT,
+    "train.seed": Range(0, 2**32 - 1),  # what numpy's seed accepts
+    "train.log_every": COUNT,
+    "train.ckpt_every": COUNT,
+    "train.keep_checkpoints": COUNT,
+    "train.max_nan_streak": COUNT,
+    "data.reader.batch_size": COUNT,
+    "data.reader.num_workers": NON_NEGATIVE,
+    "data.reader.shuffle_buffer": NON_NEGATIVE,
+    "data.reader.shuffle_initial": NON_NEGATIVE,
+    "data.reader.samples_per_epoch": COUNT,
+    "data.reader.prefetch_factor": COUNT,
+}
+
+
+def _lookup(cfg: Any, key: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key; a dict (msm, overrides) may simply not set it."""
+    value = cfg
+    for part in key.split("."):
+        if isinstance(value, dict):
+            if part not in value:
+                return False, None
+            value = value[part]
+        elif isinstance(value, list | tuple):
+            if int(part) >= len(value):
+                return False, None
+            value = value[int(part)]
+        else:
+            assert hasattr(value, part), f"range table names {key}, which the config lacks"
+            value = getattr(value, part)
+    return True, value
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
+    """ValueError naming the first setting outside its range (NaN is outside every range)."""
+    for key, allowed in ranges.items():
+        found, value = _lookup(cfg, key)
+        if not found or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number {allowed}, got {value!r}")
+        if math.isnan(value) or value not in allowed:
+            raise ValueError(f"{key} must be {allowed}, got {value}")
 
 
 def _pretrain_reader() -> ReaderConfig:
@@ -71,6 +188,21 @@ class RunPaths:
 
 @dataclass
 class PretrainConfig(RunPaths):
+    # numbers of the parts particular to pretraining (msm: only the keys the config sets;
+    # MSMConfig checks the rest, model.overrides are checked by EncoderConfig)
+    ranges: ClassVar[dict[str, Range]] = {
+        "msm.mask_ratio": FRACTION,
+        "msm.block_ratio": FRACTION,
+        "msm.block_patches": COUNT,
+        "msm.decoder_dim": NON_NEGATIVE,
+        "msm.decoder_depth": NON_NEGATIVE,
+        "msm.decoder_heads": COUNT,
+        "msm.spectrum_weight": NON_NEGATIVE,
+        "msm.spectrum_bands": NON_NEGATIVE,
+        "msm.visible_weight": NON_NEGATIVE,
+        "msm.mix_heads": NON_NEGATIVE,
+    }
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     msm: dict[str, Any] = field(default_factory=dict)  # MSMConfig fields to change
@@ -84,12 +216,10 @@ class PretrainConfig(RunPaths):
 def validate_run(cfg, world_size: int | None) -> None:
     """The checks every training run shares (pretraining and finetuning configs have the same
     data.reader/dist/optim/train/tracking/register parts), before any process spawns."""
+    check_ranges(cfg, {**RUN_RANGES, **getattr(type(cfg), "ranges", {})})
     cfg.dist.validate(world_size)
     cfg.data.reader.validate()
     train = cfg.train
-    for name in ("steps", "log_every", "ckpt_every", "keep_checkpoints", "max_nan_streak"):
-        if getattr(train, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(train, name)}")
     if cfg.optim.warmup_steps >= train.steps:
         raise ValueError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below train.steps ({train.steps})"
@@ -111,6 +241,10 @@ def validate_run(cfg, world_size: int | None) -> None:
             f"{cfg.train.run_dir} already holds checkpoints: pass train.resume=true to continue "
             "that run, or choose a new train.run_dir"
         )
+    if train.resume:  # sizes only, here; rank 0 hashes the files before loading
+        tag, skipped = checkpoint.choose(cfg.ckpt_path, hashes=False)
+        if tag is None and skipped:
+            raise checkpoint.no_intact_error(cfg.ckpt_path, skipped)
     if cfg.register.name and not cfg.tracking.enabled:
         raise ValueError(
             f"register.name={cfg.register.name!r} needs MLflow: set tracking.enabled=true "

@@ -33,6 +33,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pretrain.checkpoint import weights_only_loads
     from pretrain.encoder import Encoder, EncoderConfig
 
     root, tag = checkpoint_tag_dir(ckpt)
@@ -43,7 +44,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
             f"{tag_dir} has no encoder_config.json: not a brainmoe pretraining checkpoint"
         )
     config = EncoderConfig(**json.loads(config_file.read_text()))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    with weights_only_loads():  # DeepSpeed's pickles: tensors and its few types, never code
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     prefix = "encoder."
     encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     encoder = Encoder(config)
@@ -63,10 +65,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 def _buffers_from_model_states(tag_dir: Path, prefix: str, names: list[str]) -> dict[str, Any]:
     import torch
 
+    from pretrain.checkpoint import weights_only_loads
+
     states = sorted(tag_dir.glob("*model_states.pt"))
     if not states:
         raise ValueError(f"{tag_dir}: no model states file to read buffers {names} from")
-    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    with weights_only_loads():  # refuses a pickle that would run code, naming the file
+        module = torch.load(states[0], map_location="cpu")["module"]
     found = {n: module[prefix + n].float() for n in names if prefix + n in module}
     lost = sorted(set(names) - set(found))
     if lost:

@@ -44,6 +44,7 @@ def load_run(run_dir: str | Path) -> MaskedSignalModel:
     """The MSM model (encoder *and* decoder) of a run's newest checkpoint, in fp32 on CPU."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pretrain.checkpoint import weights_only_loads
     from pretrain.config import PretrainConfig
     from pretrain.export import _buffers_from_model_states, checkpoint_tag_dir
     from pretrain.model import build_model
@@ -58,7 +59,8 @@ def load_run(run_dir: str | Path) -> MaskedSignalModel:
     cfg.model.overrides = {**cfg.model.overrides, "activation_checkpointing": False}
     model = build_model(cfg)
     root, tag = checkpoint_tag_dir(run_dir / "checkpoints")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    with weights_only_loads():  # DeepSpeed's pickles may not run code (pretrain/checkpoint.py)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         state.update(_buffers_from_model_states(root / tag, "", missing))

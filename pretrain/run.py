@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import PretrainConfig
     from pretrain.model import validate_config
     from pretrain.msm_trainer import MSMTrainer
-    from pretrain.trainer import run_main
+    from pretrain.worker import run_main
 
     return run_main(argv, __doc__, PretrainConfig, validate_config, MSMTrainer)
 

@@ -35,6 +35,76 @@ def tracking_uri(config: TrackingConfig, run_dir: str | Path) -> str:
     return config.tracking_uri or default_uri(run_dir)
 
 
+def _get(url: str, timeout: float, headers: dict[str, str]) -> int | str:
+    """HTTP status of a GET, or why there was none (refused, unknown host, timeout)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout):
+            return 200
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError) as err:
+        return str(getattr(err, "reason", err))
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send (its documented environment variables)."""
+    import base64
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    if user and password:
+        return {
+            "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        }
+    return {}
+
+
+def check_tracking_store(config: TrackingConfig, timeout: float = 3.0, attempts: int = 2) -> None:
+    """ValueError, within about ``attempts x 2 x timeout`` seconds, unless an http(s) tracking
+    URI is an MLflow server that answers.
+
+    Run by the launcher before DeepSpeed starts: MLflow's own client retries for minutes
+    (7 retries with backoff, 120 s timeouts) before rank 0 gives up, and then every rank
+    fails. An MLflow server answers 200 on /health, or (behind a proxy that does not route
+    it) on its REST API; other stores (sqlite, file, databricks) are not probed."""
+    import time
+
+    uri = config.tracking_uri
+    if not config.enabled or not uri or not uri.startswith(("http://", "https://")):
+        return
+    base = uri.rstrip("/")
+    api = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+    for attempt in range(attempts):
+        health = _get(f"{base}/health", timeout, {})
+        if health == 200:
+            return
+        answer = _get(api, timeout, _auth_headers()) if isinstance(health, int) else health
+        if answer == 200:
+            return
+        if answer in (401, 403):
+            reason = (
+                f"the server refuses the credentials (HTTP {answer}); set MLFLOW_TRACKING_TOKEN "
+                "or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+            )
+            break
+        if isinstance(answer, int):
+            reason = f"HTTP {health} on /health and {answer} on the REST API: not an MLflow server"
+            if answer < 500:
+                break  # an answer, just not MLflow's: asking again will not change it
+        else:
+            reason = answer
+        if attempt + 1 < attempts:
+            time.sleep(0.5)
+    raise ValueError(
+        f"tracking.tracking_uri={uri}: no MLflow server answers there ({reason}); start the "
+        "server, fix the URI, or set tracking.enabled=false"
+    )
+
+
 def run_in_store(run_id: str) -> bool:
     """Whether the current tracking store knows `run_id` (a run folder may have moved, or
     the URI changed, since the id was written down)."""

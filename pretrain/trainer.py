@@ -5,7 +5,8 @@ engines, ranks, checkpoints and logging is here, shared by pretraining (`MSMTrai
 finetuning: a subclass only says which model to build, how a micro-batch becomes a loss dict,
 and what to do at the end. Exact resume is a first-class feature: a checkpoint holds model,
 optimizer, scheduler, the TrainState (step, data position, NaN counters) and every rank's
-RNG state, and in-model randomness draws from a generator seeded by (seed, step, micro-step,
+RNG state (pretrain/checkpoint.py: a completion marker, integrity checks, weights-only
+loading), and in-model randomness draws from a generator seeded by (seed, step, micro-step,
 rank) -- so a resumed run reproduces the uninterrupted loss curve.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import checkpoint
 from pretrain.ds_config import deepspeed_config
 from pretrain.tracking import Tracker, git_commit, tracking_uri
 from shards.config import flatten, to_dict, to_yaml
@@ -51,18 +53,10 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def warn(msg: str) -> None:
+    """A problem the run works around: once (rank 0), on stderr."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -179,33 +173,38 @@ class Trainer:
         gen.manual_seed(seed % 2**63)
         return gen
 
-    # ---- checkpoints --------------------------------------------------------------------
+    # ---- checkpoints (what makes them trustworthy: pretrain/checkpoint.py) ---------------
     def save(self) -> None:
-        tag = f"step{self.state.step:07d}"
-        self.engine.save_checkpoint(
-            str(self.ckpt_dir), tag=tag, client_state={"train_state": asdict(self.state)}
-        )
-        torch.save(rng_state(), self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            self.checkpoint_extras(self.ckpt_dir / tag)
-            (self.ckpt_dir / tag / "lineage.json").write_text(json.dumps(self.lineage(), indent=1))
-            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        tag = checkpoint.tag_for(self.state.step)
+        folder = self.ckpt_dir / tag
+        if self.rank == 0 and folder.is_dir():
+            checkpoint.begin_save(folder)  # being rewritten: incomplete until the new marker
         dist.barrier()
-        log(f"checkpoint {self.ckpt_dir / tag}")
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
+        checkpoint.write_rng_state(checkpoint.rng_file(folder, self.rank))
+        if self.rank == 0:
+            self.checkpoint_extras(folder)
+            (folder / "lineage.json").write_text(json.dumps(self.lineage(), indent=1))
+            checkpoint.write_train_state(folder, asdict(self.state))
+        dist.barrier()  # every rank's files are on disk: only now may the marker say so
+        if self.rank == 0:
+            checkpoint.write_marker(folder, self.state.step)
+            checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        dist.barrier()
+        log(f"checkpoint {folder}")
 
     def resume(self) -> bool:
-        if not (self.ckpt_dir / "latest").exists():
+        tag = checkpoint.agree_on_tag(self.ckpt_dir, self.rank, warn)
+        if tag is None:
             log(f"resume=true but no checkpoint in {self.ckpt_dir}: starting fresh")
             return False
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        folder = self.ckpt_dir / tag
+        with checkpoint.weights_only_loads():
+            path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
-        self.state = TrainState(**client["train_state"])
-        tag = (self.ckpt_dir / "latest").read_text().strip()
-        rng_file = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
+        self.state = TrainState(**checkpoint.read_train_state(folder))
+        checkpoint.read_rng_state(checkpoint.rng_file(folder, self.rank))
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
             self.history = [
@@ -370,47 +369,3 @@ class Trainer:
                 f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  "
                 f"{metrics['tokens_per_s']:.0f} tokens/s{extra}"
             )
-
-
-def run_main(
-    argv: list[str] | None,
-    description: str,
-    config_cls: type,
-    validate: Callable[[Any, int | None], None],
-    trainer_cls: type[Trainer],
-) -> int:
-    """What `deepspeed <layer>/run.py --config ... key=value ...` does on every rank: load the
-    run config, run the checks that need no world, train. User errors exit 2 with the message."""
-    import argparse
-    import sys
-
-    from shards.config import load_config
-
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML run config (configs/<layer>/*.yaml)")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(config_cls, args.config, args.overrides)
-        validate(cfg, None)  # cheap checks before DeepSpeed starts
-        return run_worker(trainer_cls, cfg)
-    except ValueError as err:  # also what the ranks find while preparing: before training
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def run_worker(trainer_cls: type[Trainer], cfg: Any) -> int:
-    """Entry for every rank: train, and turn a diverged run into exit status 3."""
-    trainer = trainer_cls(cfg)
-    try:
-        trainer.train()
-    except NonFiniteLossError as err:
-        log(f"error: {err}")
-        return 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

@@ -106,7 +106,10 @@ def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
     one = parser.parse_args(["pretrain", "--num-gpus", "8", "--master-port", "29500", "a=1"])
     cmd = launch_command(one)
     assert Path(cmd[0]).name == "deepspeed"
-    assert cmd[1:] == ["--num_gpus", "8", "--master_port", "29500", str(RUN_PY), "a=1"]
+    assert cmd[1:] == [
+        *["--master_addr", "127.0.0.1", "--num_gpus", "8", "--master_port", "29500"],
+        *[str(RUN_PY), "a=1"],
+    ]
     hosts = tmp_path / "hostfile"
     hosts.write_text("node1 slots=8\nnode2 slots=8\n")
     multi = parser.parse_args(
