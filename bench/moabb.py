@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri")
     parser.add_argument("--dataset", default="PhysionetFists")
     parser.add_argument("--subjects", default="1-5")
-    parser.add_argument("--pooling", default="regions", choices=["mean", "regions"])
+    parser.add_argument("--pooling", default="regions", choices=["mean", "regions", "moments"])
     parser.add_argument("--layer", type=int, help="encoder block to probe (default: the last)")
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--device", default="auto")

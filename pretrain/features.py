@@ -9,12 +9,15 @@ any MOABB evaluation, ``Pipeline`` or grid search beside CSP and tangent-space b
 It stores its parameters as given and loads the encoder in ``fit``, which is what
 ``sklearn.clone`` (called by MOABB for every fold) needs.
 
-Two poolings. ``mean`` averages every valid token (the usual foundation-model probe).
+Three poolings. ``mean`` averages every valid token (the usual foundation-model probe).
 ``regions`` keeps coarse space: tokens are averaged over time per channel, channels are
 assigned to the nearest of the 19 10-20 sites by 3D position (any montage maps onto the
 same grid; channels without a position only enter a global mean), and the 20 vectors are
 concatenated. Much of what EEG labels mean is lateralised (left vs right motor imagery
-moves mu/beta power between C3 and C4), which a global mean cannot see.
+moves mu/beta power between C3 and C4), which a global mean cannot see. ``moments`` is
+``regions`` over each token and its square: a time average of tokens that follow the
+waveform cancels oscillations out, and their second moment keeps the power that motor
+imagery changes.
 
 ``layer`` reads a block's output instead of the last one (through the final norm): frozen
 foundation models often carry more in a middle layer than at the top.
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from pretrain.encoder import Encoder, EncoderOutput
 
-POOLINGS = ("mean", "regions")
+POOLINGS = ("mean", "regions", "moments")
 UNITS = {"V": 1e6, "mV": 1e3, "uV": 1.0}  # factor to microvolts, what the encoder reads
 REGION_SITES = (
     "Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "T7", "C3", "Cz",
@@ -119,7 +122,8 @@ def pooled_features(
     batch_size: int = 32,
 ) -> np.ndarray:
     """Windows (each `[C, T]` uV at ``sfreq``, its names and positions `[C, 3]`, NaN unknown)
-    -> features `[n, D]` (``mean``) or `[n, 20 * D]` (``regions``)."""
+    -> features `[n, D]` (``mean``), `[n, 20 * D]` (``regions``) or `[n, 40 * D]`
+    (``moments``)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     from shards.reader import collate_eeg, window_sample
@@ -137,6 +141,8 @@ def pooled_features(
             out.append(Encoder.pool(enc).float().cpu().numpy())
             continue
         grid = enc.grid().float()  # [B, C, P, D]
+        if pooling == "moments":  # + second moments over time: power, not only the average
+            grid = torch.cat([grid, grid.pow(2)], dim=-1)  # [B, C, P, 2D]
         regions = np.full(grid.shape[:2], -1)  # [B, C]; padded channels belong nowhere
         for j, i in enumerate(idx):
             regions[j, : len(ch_names[i])] = region_of(ch_pos[i])

@@ -275,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paradigm", default="LeftRightImagery", help="MOABB paradigm class")
     parser.add_argument("--fmin", type=float, help="band-pass low edge (paradigm default: 8)")
     parser.add_argument("--fmax", type=float, help="band-pass high edge (paradigm default: 32)")
-    parser.add_argument("--pooling", choices=["mean", "regions"], default="regions")
+    parser.add_argument("--pooling", choices=["mean", "regions", "moments"], default="regions")
     parser.add_argument(
         "--layer", type=int, help="block whose output to probe (default: the last; -2 = one below)"
     )
