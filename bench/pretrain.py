@@ -1,13 +1,18 @@
-"""Pretraining step throughput and memory: dense vs MoE at equal *active* parameters.
+"""Pretraining throughput in EEG channel-seconds per second, against a channel-mixing MAE.
 
     python bench/pretrain.py            # CPU here; on a GPU machine it also reports MFU
 
-What is compared, and why: a MoE layer's promise is more parameters for the same compute
-per token, so the fair baseline is the dense model whose FFN is as wide as what one token
-uses in the MoE (K routed + shared experts; `pretrain.encoder.dense_variant`). The gap in
-step time between the two is the price of routing (router, top-k, sort/gather/scatter, and
-E small GEMMs instead of one large one); it is also measured on the FFN layer alone. Each
-configuration runs in its own process so that its peak memory is its own.
+What is measured, and why. Users compare pretraining cost in signal processed, not tokens:
+**channel-seconds per second** = real (unpadded) channels x seconds of signal per wall
+second of training step (forward + backward + AdamW). brainmoe (one token per channel x 1 s,
+the `configs/pretrain/eegmmidb-cpu.yaml` objective) runs dense and MoE at 19, 32, 64 and 128
+channels: as the design was before (BERT mask tokens: the encoder sees every token, padded)
+and now (MAE: visible tokens only, packed), in fp32 and bf16 autocast; a mixed-montage
+batch (19/32/64 together) packed vs padded; and DreamDiffusion's design, a channel-mixing MAE
+(bench/channel_mix_mae.py: one token = all 128 channels x 4 samples, 75% dropped) at equal
+encoder parameters. Model FLOPs come from torch's FlopCounterMode on one step; the achieved
+fraction is against a large GEMM's rate measured in the same run. Each row runs in its own
+process so its peak memory is its own. The MoE's FFN overhead is also measured alone.
 
 Figures go to the "Pretraining" section of bench/RESULTS.md.
 """
@@ -25,7 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
 from bench.timing import timed_steps  # noqa: E402
@@ -33,7 +40,9 @@ from pretrain.encoder import EncoderConfig, dense_variant  # noqa: E402
 from pretrain.moe import MoE, SwiGLU  # noqa: E402
 from pretrain.msm import MaskedSignalModel, MSMConfig  # noqa: E402
 
-# The MoE under test: 8 experts, top-2 (+1 shared), sized so a CPU step takes ~1 s.
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs/pretrain/eegmmidb-cpu.yaml"
+# The MoE under test: 8 experts, top-2 (+1 shared); the dense twin has equal active params.
 CPU_MOE = EncoderConfig(
     dim=128, depth=4, heads=4, ffn_hidden=256, n_experts=8, top_k=2, n_shared_experts=1
 )
@@ -42,76 +51,137 @@ GPU_MOE = EncoderConfig(
 )  # the `base` config
 # Dense bf16 peak (TFLOP/s) of GPUs we may be lent, for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+SECONDS = 4.0
+SFREQ = 200.0
 
 
-def batch(b: int, c: int, seconds: float, device: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    t = round(seconds * 200)
-    return {"eeg": (20 * torch.randn(b, c, t, generator=g)).to(device)}
+def recipe_msm(encoder: EncoderConfig, encoder_input: str, packing: bool) -> MSMConfig:
+    """The recipe's objective (masking, decoder paths) on ``encoder``'s size."""
+    cfg = yaml.safe_load(RECIPE.read_text())
+    arch = {
+        k: v for k, v in cfg["model"]["overrides"].items() if k in ("input_norm", "spatial_bias")
+    }
+    enc = dataclasses.replace(encoder, **arch, packing=packing)
+    msm = {**cfg["msm"], "encoder_input": encoder_input}
+    return MSMConfig(encoder=enc, **msm)
 
 
-def step_flops(model: MaskedSignalModel, tokens: int, seq: int) -> float:
-    """Training FLOPs of one step: 6 x active params x tokens + attention (12 x L x N x D
-    per token, forward + backward)."""
-    active = model.encoder.num_parameters()["active"] + model.num_parameters()["decoder"]
-    enc = model.config.encoder
-    attention = 12 * enc.depth * seq * enc.dim
-    return tokens * (6 * active + attention)
+def eeg_batch(channels: list[int], device: str) -> dict:
+    """Reader-collated windows (the one sample type), `channels[i]` channels for sample i."""
+    from shards.channels import standard_positions
+    from shards.reader import collate_eeg, window_sample
+
+    pos = standard_positions()
+    names = [n for n in pos if not n.startswith(("LPA", "RPA", "Nz"))]
+    rng = np.random.default_rng(0)
+    t = round(SECONDS * SFREQ)
+    samples = []
+    for i, c in enumerate(channels):
+        picked = names[:: max(1, len(names) // c)][:c]
+        assert len(picked) == c, (c, len(names))
+        eeg = (20 * rng.standard_normal((c, t))).astype(np.float32)
+        xyz = np.stack([pos[n] for n in picked]).astype(np.float32)
+        samples.append(window_sample(eeg, picked, xyz, SFREQ, key=str(i)))
+    batch = collate_eeg(samples)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def run_one(variant: str, args: argparse.Namespace) -> dict:
+def model_flops(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def run_one(spec: dict, args: argparse.Namespace) -> dict:
     """One configuration, timed in this process (called in a child process)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = GPU_MOE if device == "cuda" else CPU_MOE
-    enc = dense_variant(base) if variant == "dense" else base
-    if variant.startswith("moe-"):
-        enc = dataclasses.replace(enc, expert_backend=variant.removeprefix("moe-"))
     import resource
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported
     torch.manual_seed(0)
-    model = MaskedSignalModel(MSMConfig(encoder=enc, mask_ratio=0.6)).to(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model.to(dtype)
+    base = GPU_MOE if device == "cuda" else CPU_MOE
+    enc = dense_variant(base) if spec["model"] == "dense" else base
+    channels = spec["channels"]
+    if spec["model"] == "channel-mix":
+        from bench.channel_mix_mae import matched
+
+        dense_params = MaskedSignalModel(recipe_msm(dense_variant(base), "visible", True))
+        target = dense_params.encoder.num_parameters()["active"]
+        model = matched(target, dim=enc.dim, depth=enc.depth, heads=enc.heads).to(device)
+        encoder_params = model.encoder_parameters()
+        eeg = eeg_batch(channels, device)["eeg"]
+
+        def forward(gen):
+            return model(eeg, generator=gen)
+
+    else:
+        msm = recipe_msm(enc, spec["encoder_input"], spec["packing"])
+        model = MaskedSignalModel(msm).to(device)
+        encoder_params = model.encoder.num_parameters()["active"]
+        data = eeg_batch(channels, device)
+
+        def forward(gen):
+            return model(data, generator=gen)["loss"]
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    data = batch(args.batch, args.channels, args.seconds, device)
     gen = torch.Generator().manual_seed(0)
+    if spec.get("compile"):  # the forward only: optimizer and router update stay eager
+        compiled = torch.compile(model, dynamic=True)
+        forward = (
+            (lambda gen: compiled(eeg, generator=gen))
+            if spec["model"] == "channel-mix"
+            else (lambda gen: compiled(data, generator=gen)["loss"])
+        )
+    bf16 = spec["precision"] == "bf16"
 
     def step() -> None:
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            out = model(data, generator=gen)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(gen)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        loss.backward()
         opt.step()
-        model.encoder.update_router_bias()
+        if hasattr(model, "encoder"):
+            model.encoder.update_router_bias()
 
     for _ in range(args.warmup):
         step()
+    flops = model_flops(step)
     times = timed_steps(step, args.steps, device)
     wall = statistics.median(times)
-    seq = args.channels * round(args.seconds / enc.patch_seconds)
-    tokens = args.batch * seq
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # what training added to the process's peak RSS (torch itself is ~0.8 GiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    params = model.encoder.num_parameters()
+    channel_seconds = sum(channels) * SECONDS
     result = {
-        "variant": variant,
+        **spec,
         "device": device,
-        "total_params": params["total"],
-        "active_params": params["active"],
+        "encoder_params": encoder_params,
         "step_s": wall,
-        "samples_per_s": args.batch / wall,
-        "tokens_per_s": tokens / wall,
+        "ch_s_per_s": channel_seconds / wall,
+        "flops_per_ch_s": flops / channel_seconds,
+        "flops_per_s": flops / wall,
         "peak_mib": peak,
     }
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
         peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         if peak_tflops:
-            result["mfu"] = step_flops(model, tokens, seq) / wall / (peak_tflops * 1e12)
+            result["mfu"] = flops / wall / (peak_tflops * 1e12)
     return result
+
+
+def gemm_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of an n x n matmul in ``dtype``: the machine's practical peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    times = timed_steps(lambda: a @ b, reps, device)
+    return 2 * n**3 / min(times)
 
 
 def ffn_overhead(args: argparse.Namespace) -> list[dict]:
@@ -154,68 +224,150 @@ def ffn_overhead(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def specs(batch: int) -> list[dict]:
+    """Every row of the table: (label, child spec)."""
+    rows = []
+
+    def add(label, model, channels, encoder_input="visible", packing=True, precision="fp32", **kw):
+        spec = dict(model=model, channels=channels, encoder_input=encoder_input, **kw)
+        rows.append((label, {**spec, "packing": packing, "precision": precision}))
+
+    for c in (19, 32, 64, 128):
+        add(
+            f"channel-mixing MAE (DreamDiffusion), {c} ch padded to 128", "channel-mix", [c] * batch
+        )
+        for model in ("dense", "moe"):
+            add(f"brainmoe {model}, {c} ch, before (mask tokens)", model, [c] * batch, "all", False)
+            add(f"brainmoe {model}, {c} ch, MAE", model, [c] * batch)
+            add(
+                f"brainmoe {model}, {c} ch, MAE, bf16 autocast",
+                model,
+                [c] * batch,
+                precision="bf16",
+            )
+    for c in (32, 128):
+        add(f"channel-mixing MAE, {c} ch, torch.compile", "channel-mix", [c] * batch, compile=True)
+        for model in ("dense", "moe"):
+            add(f"brainmoe {model}, {c} ch, MAE, torch.compile", model, [c] * batch, compile=True)
+    mixed = [(19, 32, 64)[i % 3] for i in range(batch)]
+    for model in ("dense", "moe"):
+        add(f"brainmoe {model}, mixed 19/32/64, MAE, padded", model, mixed, packing=False)
+        add(f"brainmoe {model}, mixed 19/32/64, MAE, packed", model, mixed)
+    return rows
+
+
+def child(spec: dict, passthrough: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, f"--child={json.dumps(spec)}", *passthrough],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return {**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=32, help="FFN-overhead table only")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", help="run the rows whose label contains this text")
+    parser.add_argument("--section", default="Pretraining", help="RESULTS.md section to write")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args)))
+        print(json.dumps(run_one(json.loads(args.child), args)))
         return
 
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k != "child"]
+    passthrough = [
+        f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "only", "section")
+    ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peaks = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
+    print({k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()}, flush=True)
     results = []
-    for variant in ("dense", "moe-loop", "moe-grouped_mm"):
-        proc = subprocess.run(
-            [sys.executable, __file__, f"--child={variant}", *passthrough],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            results.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-1]})
+    for label, spec in specs(args.batch):
+        if args.only and args.only not in label:
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append({"label": label, **child(spec, passthrough)})
         print(results[-1], flush=True)
     ffn = ffn_overhead(args)
-    print(ffn)
+    body = report(results, ffn, peaks, args, device)
+    write_section(args.section, body)
+    print(body)
 
-    device = next((r["device"] for r in results if "device" in r), "cpu")
+
+def report(results: list[dict], ffn: list[dict], peaks: dict, args, device: str) -> str:
     cfg = GPU_MOE if device == "cuda" else CPU_MOE
-    dense = next((r for r in results if r["variant"] == "dense" and "step_s" in r), None)
+    by = {r["label"]: r for r in results}
+
+    def ratio(a: str, b: str) -> str:
+        ra, rb = by.get(a, {}), by.get(b, {})
+        if "ch_s_per_s" not in ra or "ch_s_per_s" not in rb:
+            return "n/a"
+        return f"{ra['ch_s_per_s'] / rb['ch_s_per_s']:.2f}x"
+
     lines = [
-        f"Masked-signal pretraining step (forward + backward + AdamW; median of {args.steps} steps), one process on {device}, "
-        f"{'bf16' if device == 'cuda' else 'fp32'}; batch {args.batch} x {args.channels} channels "
-        f"x {args.seconds:g} s at 200 Hz = {args.batch * args.channels * round(args.seconds)} "
-        f"tokens. MoE: D={cfg.dim}, depth {cfg.depth}, E={cfg.n_experts}, K={cfg.top_k}, "
-        f"{cfg.n_shared_experts} shared expert, H={cfg.ffn_hidden}; dense: the same with one "
-        f"SwiGLU of width (K + shared) x H = {(cfg.top_k + cfg.n_shared_experts) * cfg.ffn_hidden}"
-        " (equal active parameters).",
+        f"Pretraining step (forward + backward + AdamW; median of {args.steps} steps after "
+        f"{args.warmup} warm-up), one process per row on {device}; batch {args.batch} windows of "
+        f"{SECONDS:g} s at {SFREQ:g} Hz, collated by the reader. brainmoe: the "
+        f"`{RECIPE.name}` objective; MoE D={cfg.dim}, depth {cfg.depth}, E={cfg.n_experts}, "
+        f"K={cfg.top_k}, {cfg.n_shared_experts} shared, H={cfg.ffn_hidden}; dense: one SwiGLU of "
+        f"(K + shared) x H (equal active parameters). Channel-mixing MAE: bench/channel_mix_mae.py "
+        f"at the dense encoder's parameter count. GEMM peak (2048^2, this run): fp32 "
+        f"{peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.",
         "",
-        "| model | params total | params active | step ms | samples/s | tokens/s | "
-        + ("peak MiB (CUDA allocated) " if device == "cuda" else "peak MiB (RSS above import) ")
-        + "| vs dense |"
-        + (" MFU |" if device == "cuda" else ""),
+        "| model | encoder params | step ms | channel-s / s | model GFLOP / channel-s "
+        "| achieved GFLOP/s | of GEMM peak | peak MiB |" + (" MFU |" if device == "cuda" else ""),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         + (" ---: |" if device == "cuda" else ""),
     ]
     for r in results:
         if "step_s" not in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:60]} | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error'][:60]} | | | | | | |")
             continue
-        rel = f"{r['step_s'] / dense['step_s']:.2f}x" if dense else ""
+        frac = r["flops_per_s"] / peaks[r["precision"]]
         row = (
-            f"| {r['variant']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M "
-            f"| {1e3 * r['step_s']:.0f} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} "
-            f"| {r['peak_mib']:.0f} | {rel} |"
+            f"| {r['label']} | {r['encoder_params'] / 1e6:.2f}M | {1e3 * r['step_s']:.0f} "
+            f"| {r['ch_s_per_s']:.0f} | {r['flops_per_ch_s'] / 1e9:.3f} "
+            f"| {r['flops_per_s'] / 1e9:.1f} | {100 * frac:.1f}% | {r['peak_mib']:.0f} |"
         )
         if device == "cuda":
             row += f" {100 * r['mfu']:.1f}% |" if "mfu" in r else " n/a |"
         lines.append(row)
+    ref = "channel-mixing MAE (DreamDiffusion), {c} ch padded to 128"
+    lines += ["", "Ratios (channel-seconds per second; targets from issue 12):", ""]
+    lines += ["| ratio | value | target |", "| --- | ---: | ---: |"]
+    for model in ("dense", "moe"):
+        lines.append(
+            f"| {model} 128 ch: MAE / before | "
+            f"{ratio(f'brainmoe {model}, 128 ch, MAE', f'brainmoe {model}, 128 ch, before (mask tokens)')} | >= 3x |"
+        )
+    for c, target in ((128, ">= 0.36x"), (32, ">= 1.5x")):
+        for suffix in ("MAE", "MAE, bf16 autocast"):
+            lines.append(
+                f"| dense {c} ch ({suffix}) / channel-mixing MAE | "
+                f"{ratio(f'brainmoe dense, {c} ch, {suffix}', ref.format(c=c))} | {target} |"
+            )
+        compiled = ratio(
+            f"brainmoe dense, {c} ch, MAE, torch.compile",
+            f"channel-mixing MAE, {c} ch, torch.compile",
+        )
+        lines.append(
+            f"| dense {c} ch / channel-mixing MAE, both torch.compile | {compiled} | {target} |"
+        )
+    for model in ("dense", "moe"):
+        lines.append(
+            f"| {model} mixed batch: packed / padded | "
+            f"{ratio(f'brainmoe {model}, mixed 19/32/64, MAE, packed', f'brainmoe {model}, mixed 19/32/64, MAE, padded')} | >= 1.3x |"
+        )
+    for c in (32, 128):
+        moe_vs = ratio(f"brainmoe dense, {c} ch, MAE", f"brainmoe moe, {c} ch, MAE")
+        lines.append(f"| MoE step time / dense, {c} ch (MAE) | {moe_vs} | <= 1.25x |")
     lines += [
         "",
         "Routed-compute overhead, the FFN layer alone (forward + backward on the same tokens):",
@@ -231,9 +383,7 @@ def main() -> None:
             lines.append(f"| {row['layer']} | {row['ms']:.2f} | {row['ms'] / base_ms:.2f}x |")
     if device != "cuda":
         lines += ["", "No GPU on this machine: MFU is measured only on CUDA runs of this script."]
-    body = "\n".join(lines)
-    write_section("Pretraining", body)
-    print(body)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,10 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in run_dir/checkpoints
     max_nan_streak: int = 5  # this many non-finite losses in a row stop the run
     plots: bool = True
+    # torch.compile the model's forward in place (state-dict keys unchanged): 1.9x on the
+    # 32-channel recipe step on CPU (bench/RESULTS.md "Pretraining"), after a first step
+    # that compiles for a minute or more; off by default for that wait
+    compile: bool = False
 
 
 @dataclass

@@ -65,6 +65,9 @@ def _grouped_mm_ok(x: Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
+        # compiled, the op's shape check wants bf16 even where eager CPU runs fp32
+        if torch.compiler.is_compiling():
+            return x.dtype == torch.bfloat16
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)

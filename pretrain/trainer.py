@@ -129,6 +129,8 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         self.model = self.build_model()
+        if cfg.train.compile:  # in place: checkpoints and exports keep their keys
+            self.model.compile(dynamic=True)
         self.ds_config = deepspeed_config(cfg.dist, cfg.optim, cfg.train.steps)
         if self.rank == 0:
             (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1))

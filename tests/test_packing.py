@@ -75,3 +75,20 @@ def test_hidden_patches_do_not_reach_the_encoder(packing):
     assert torch.equal(a.index, b.index)
     torch.testing.assert_close(a.scale, b.scale, atol=0, rtol=0)
     torch.testing.assert_close(a.tokens, b.tokens, atol=0, rtol=0)
+
+
+def test_compiled_model_gives_the_eager_loss_and_keeps_its_keys():
+    """`train.compile=true` compiles the MSM model in place: same loss, same state-dict keys."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig
+
+    cfg = get_config("tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False)
+    torch.manual_seed(0)
+    model = MaskedSignalModel(MSMConfig(encoder=cfg, encoder_input="visible", mix_heads=2))
+    batch = make_batch([19, 32], [4.0, 4.0], seed=6)
+    keys = list(model.state_dict())
+    eager = model(batch, generator=torch.Generator().manual_seed(0))["loss"]
+    model.compile(dynamic=True)
+    compiled = model(batch, generator=torch.Generator().manual_seed(0))["loss"]
+    compiled.backward()
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
