@@ -1,4 +1,8 @@
-"""bench/RESULTS.md holds one section per benchmark; each run replaces its own section."""
+"""bench/RESULTS.md holds one section per benchmark; each run replaces its own section.
+
+Measured figures are regenerated; what a person wrote about them is not: a block between
+``<!-- notes -->`` and ``<!-- /notes -->`` in a section survives the next run of its script
+(appended after the new figures), so a re-run never silently deletes the analysis."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+NOTES = re.compile(r"<!-- notes -->.*?<!-- /notes -->", re.S)
 HEADER = "# Benchmark results\n\nWritten by the scripts in bench/; each section by the script it names.\n"
 
 
@@ -25,8 +30,12 @@ def write_section(title: str, body: str) -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = f"## {title}\n\n_{stamp}; {machine()}_\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    old = pattern.search(text)
+    notes = NOTES.search(old.group(0)) if old else None
+    if notes and NOTES.search(body) is None:
+        section += f"\n{notes.group(0).strip()}\n"
     text = (
-        pattern.sub(section + "\n", text)
+        pattern.sub(lambda _: section + "\n", text)
         if pattern.search(text)
         else text.rstrip() + "\n\n" + section
     )
