@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import write_section  # noqa: E402
+from cluster.local_ray import init_local_ray  # noqa: E402
 from shards.build import BuildConfig, build  # noqa: E402
 from shards.config import load_config  # noqa: E402
-from shards.local_ray import init_local_ray  # noqa: E402
 from shards.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from shards.reader import ReaderConfig, make_loader  # noqa: E402
 from shards.recording import Rejected  # noqa: E402

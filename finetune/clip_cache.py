@@ -218,7 +218,7 @@ def _connect_ray(workers: int) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)  # inside `ray job submit`, or a cluster the user named
     else:
-        from shards.local_ray import init_local_ray
+        from cluster.local_ray import init_local_ray
 
         init_local_ray(num_cpus=workers)  # every Ray server on 127.0.0.1 only
     return True

@@ -412,10 +412,12 @@ def _training_preprocess(run_dir: str | Path):
     from shards.preprocess import PreprocessConfig
 
     cfg = load_config(PretrainConfig, str(Path(run_dir) / "config.yaml"), [])
-    for folder in cfg.data.shards:
-        manifest = Path(folder) / "manifest.json"
-        if manifest.exists():
-            pre = json.loads(manifest.read_text()).get("config", {}).get("preprocess")
+    from shards import storage
+
+    for folder in cfg.data.shards:  # a local folder or an s3:// URL
+        manifest = storage.join(folder, "manifest.json")
+        if storage.exists(manifest):
+            pre = storage.read_json(manifest).get("config", {}).get("preprocess")
             if pre:
                 known = PreprocessConfig.__dataclass_fields__
                 return PreprocessConfig(**{k: v for k, v in pre.items() if k in known})

@@ -9,6 +9,11 @@ every unit whose report matches, an interrupted build resumes where it stopped, 
 final manifest is assembled from the reports -- same inputs and config, same bytes.
 A unit that failed is reported too, with the reason, but not taken as done: the next run
 retries it. One build at a time per output folder (lock.py).
+
+`--out s3://bucket/corpus` (any fsspec URL, see storage.py): each unit is written into a
+private local temp folder (TMPDIR needs room for one unit per worker), its shards are
+uploaded, then its report -- so an object store holds a report only once its shards are
+all there, and resume works there exactly as on disk. The manifest is uploaded last.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,8 +31,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cluster.local_ray import init_local_ray
+from shards import storage
 from shards.config import to_dict
-from shards.local_ray import init_local_ray
 from shards.lock import build_lock
 from shards.manifest import MANIFEST, SIZES, UNITS_DIR, assemble_manifest, read_json, summary_table
 from shards.preprocess import PreprocessConfig, preprocess
@@ -34,7 +41,6 @@ from shards.recording import Rejected, WorkUnit, fingerprint
 from shards.sources import get_source
 from shards.writer import (
     UnitShardWriter,
-    atomic_write_text,
     encode_sample,
     remove_partials,
     remove_unit_shards,
@@ -119,24 +125,52 @@ def _new_report(spec: str, unit: WorkUnit, config: BuildConfig) -> dict[str, Any
     }
 
 
-def _save_report(out: Path, report: dict[str, Any]) -> None:
+def _save_report(out: storage.Target, report: dict[str, Any]) -> None:
     report["windows"] = sum(s["samples"] for s in report["shards"])
-    units_dir = out / UNITS_DIR
-    units_dir.mkdir(exist_ok=True)
-    path = units_dir / f"{report['unit']}.json"
-    atomic_write_text(path, json.dumps(report, indent=1, sort_keys=True))
+    if not storage.is_uri(out):
+        Path(out, UNITS_DIR).mkdir(exist_ok=True)
+    path = storage.join(out, UNITS_DIR, f"{report['unit']}.json")
+    storage.write_text(path, json.dumps(report, indent=1, sort_keys=True))
 
 
 def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -> dict[str, Any]:
     """Load, preprocess and write one unit; always returns a report (never raises on data)."""
-    out = Path(out_dir)
+    started = time.perf_counter()
+    if storage.is_uri(out_dir):
+        report = _write_unit_remote(spec, unit, config, out_dir)
+    else:
+        report = _write_unit(spec, unit, config, Path(out_dir))
+    _save_report(out_dir, report)
+    report["seconds"] = time.perf_counter() - started  # not persisted: reports stay deterministic
+    return report
+
+
+def _write_unit_remote(spec: str, unit: WorkUnit, config: BuildConfig, url: str) -> dict:
+    """Written locally with the very same writer (same bytes), then uploaded shard by shard;
+    the caller uploads the report after, so a report is never ahead of its shards."""
+    remove_unit_shards(url, unit.id)
+    with tempfile.TemporaryDirectory(prefix="brainmoe-unit-") as stage:
+        report = _write_unit(spec, unit, config, Path(stage))
+        try:
+            for shard in report["shards"]:
+                storage.put(Path(stage, shard["name"]), storage.join(url, shard["name"]))
+        except Exception as err:  # a lost upload fails the unit (retried next run), not the build
+            remove_unit_shards(url, unit.id)
+            report.update(
+                status="error",
+                reason=f"upload to {url} failed: {type(err).__name__}: {err}"[:500],
+                shards=[],
+            )
+    return report
+
+
+def _write_unit(spec: str, unit: WorkUnit, config: BuildConfig, out: Path) -> dict[str, Any]:
     remove_unit_shards(out, unit.id)
     cfg = config.preprocess
     writer = UnitShardWriter(
         out, unit.id, config.shards.maxcount, int(config.shards.maxsize_mb * 2**20)
     )
     report = _new_report(spec, unit, config)
-    started = time.perf_counter()
     try:
         source = get_source(spec)
         for rec_index, item in enumerate(source.load(unit)):
@@ -209,12 +243,10 @@ def process_unit(spec: str, unit: WorkUnit, config: BuildConfig, out_dir: str) -
             traceback=traceback.format_exc(limit=6),
             shards=[],
         )
-    _save_report(out, report)
-    report["seconds"] = time.perf_counter() - started  # not persisted: reports stay deterministic
     return report
 
 
-def _lost_unit(item: PlannedUnit, config: BuildConfig, out: Path, err: Exception) -> dict:
+def _lost_unit(item: PlannedUnit, config: BuildConfig, out: storage.Target, err: Exception) -> dict:
     """The report of a unit whose Ray task died on every try (its worker crashed, say)."""
     remove_unit_shards(out, item.unit.id)
     report = _new_report(item.spec, item.unit, config)
@@ -228,21 +260,27 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def _finished(out: Path, item: PlannedUnit, settings: str) -> bool:
-    """Built already, with these inputs and settings; a failed unit never is."""
-    path = out / UNITS_DIR / f"{item.unit.id}.json"
-    if not path.exists():
+def _finished(
+    out: storage.Target, item: PlannedUnit, settings: str, reports: set[str], present: set[str]
+) -> bool:
+    """Built already, with these inputs and settings; a failed unit never is. `reports` and
+    `present` are listings of units/ and of the folder, taken once (one request each on an
+    object store, instead of one per shard)."""
+    name = f"{item.unit.id}.json"
+    if name not in reports:
         return False
-    report = read_json(path)
+    report = read_json(storage.join(out, UNITS_DIR, name))
     return (
         report.get("status") == "ok"
         and report.get("fingerprint") == item.fingerprint
         and report.get("settings") == settings
-        and all((out / s["name"]).exists() for s in report["shards"])
+        and all(s["name"] in present for s in report["shards"])
     )
 
 
-def run_units(todo: list[PlannedUnit], config: BuildConfig, out: Path) -> list[dict[str, Any]]:
+def run_units(
+    todo: list[PlannedUnit], config: BuildConfig, out: storage.Target
+) -> list[dict[str, Any]]:
     """Process units in this process (workers=0) or as Ray tasks, with a progress bar."""
     bar = tqdm(
         total=len(todo), unit="unit", desc="building shards", file=sys.stderr, dynamic_ncols=True
@@ -295,20 +333,23 @@ def build(config: BuildConfig) -> dict[str, Any]:
     another build writes into the same folder.
     """
     config.validate()
-    out = Path(config.out)
+    out = config.out if storage.is_uri(config.out) else Path(config.out)
+    if storage.is_uri(out):
+        storage.filesystem(out)  # an unknown scheme or a missing s3fs: say so before any work
     with build_lock(out):
         return _build_locked(config, out)
 
 
-def _build_locked(config: BuildConfig, out: Path) -> dict[str, Any]:
-    remove_partials(out, out / UNITS_DIR)  # a killed build's leftovers; nobody else writes here
+def _build_locked(config: BuildConfig, out: storage.Target) -> dict[str, Any]:
+    if not storage.is_uri(out):  # an object store has no partial objects to clean up
+        remove_partials(out, out / UNITS_DIR)  # a killed build's leftovers; nobody else writes
     planned = plan(config)
     settings = config.output_settings()
     settings_fp = fingerprint(settings)
     build_fp = fingerprint(settings, [(p.spec, p.unit.id, p.fingerprint) for p in planned])
 
-    settings_path = out / "build.json"
-    if settings_path.exists():
+    settings_path = storage.join(out, "build.json")
+    if storage.exists(settings_path):
         previous = read_json(settings_path)
         if previous.get("settings") != settings:
             raise ValueError(
@@ -316,17 +357,18 @@ def _build_locked(config: BuildConfig, out: Path) -> dict[str, Any]:
                 "use a new --out folder (or delete this one) to build with these settings"
             )
     else:
-        atomic_write_text(
+        storage.write_text(
             settings_path, json.dumps({"settings": settings}, indent=1, sort_keys=True)
         )
 
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
+    manifest_path = storage.join(out, MANIFEST)
+    present = set(storage.list_sizes(out))
+    if MANIFEST in present:
         manifest = read_json(manifest_path)
         if (
             manifest.get("build") == build_fp
             and not manifest["totals"].get("units_failed")
-            and all((out / s["name"]).exists() for s in manifest["shards"])
+            and all(s["name"] in present for s in manifest["shards"])
         ):
             print(
                 f"{out}: up to date ({len(manifest['shards'])} shards, "
@@ -335,7 +377,8 @@ def _build_locked(config: BuildConfig, out: Path) -> dict[str, Any]:
             )
             return manifest
 
-    todo = [p for p in planned if not _finished(out, p, settings_fp)]
+    reports_done = set(storage.list_sizes(storage.join(out, UNITS_DIR)))
+    todo = [p for p in planned if not _finished(out, p, settings_fp, reports_done, present)]
     print(
         f"{len(planned)} work units from {len(config.sources)} source(s); "
         f"{len(planned) - len(todo)} already done, {len(todo)} to build",
@@ -348,11 +391,11 @@ def _build_locked(config: BuildConfig, out: Path) -> dict[str, Any]:
     _remove_stale(out, {p.unit.id for p in planned})
     units = [(p.unit.id, p.spec) for p in planned]
     manifest = assemble_manifest(out, units, _header(config, build_fp))
-    atomic_write_text(
-        out / SIZES,
+    storage.write_text(
+        storage.join(out, SIZES),
         json.dumps({s["name"]: s["samples"] for s in manifest["shards"]}, indent=1, sort_keys=True),
     )
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    storage.write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     print(summary_table(manifest), file=sys.stderr)
     if reports:
         hours = sum(r.get("duration_s", 0) for rep in reports for r in rep["recordings"]) / 3600
@@ -364,14 +407,16 @@ def _build_locked(config: BuildConfig, out: Path) -> dict[str, Any]:
     return manifest
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
+def _remove_stale(out: storage.Target, keep: set[str]) -> None:
     """Units of earlier builds that are no longer asked for lose their shards and reports."""
-    units_dir = out / UNITS_DIR
-    for path in sorted(units_dir.glob("*.json")):
-        if path.stem not in keep:
+    units_dir = storage.join(out, UNITS_DIR)
+    for name in sorted(storage.list_sizes(units_dir)):
+        unit_id = name.removesuffix(".json")
+        if name.endswith(".json") and unit_id not in keep:
+            path = storage.join(units_dir, name)
             for shard in read_json(path).get("shards", []):
-                (out / shard["name"]).unlink(missing_ok=True)
-            path.unlink()
+                storage.remove(storage.join(out, shard["name"]))
+            storage.remove(path)
 
 
 def _header(config: BuildConfig, build_fp: str) -> dict[str, Any]:

@@ -11,6 +11,11 @@ let two builds lock two different files), and it sits in a folder of its own so 
 folder's files proper stay untouched by a build that has nothing to do. Where the filesystem has no
 flock (some network mounts), the record is the lock: a holder on this host whose pid is
 gone is stale and taken over, one on another host is respected.
+
+An object store (s3://...) has no flock either, so there the record object alone is the
+lock, with the same rule, and it is deleted on release. Checking and writing it are two
+requests, so two builds started within the same instant could both get it: the lock
+catches the common mistake (a second build into a running one), not a deliberate race.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shards import storage
+
 LOCK_PATH = Path(".lock") / "build.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -35,15 +42,16 @@ class BuildLocked(ValueError):
     """Another build holds the folder (a user error: exit 2, no traceback)."""
 
 
-def _read_holder(fd: int) -> dict[str, Any] | None:
-    blob = os.pread(fd, 4096, 0)
-    if not blob.strip():
-        return None
+def _parse_holder(blob: bytes) -> dict[str, Any] | None:
     try:
-        holder = json.loads(blob)
+        holder = json.loads(blob) if blob.strip() else None
     except ValueError:
         return None
     return holder if isinstance(holder, dict) else None
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    return _parse_holder(os.pread(fd, 4096, 0))
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
@@ -73,9 +81,38 @@ def _refuse(folder: Path, holder: dict[str, Any] | None) -> BuildLocked:
     )
 
 
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+
 @contextlib.contextmanager
-def build_lock(folder: Path) -> Iterator[None]:
+def _remote_lock(folder: str) -> Iterator[None]:
+    """The record-is-the-lock rule, on an object (see the module docstring)."""
+    target = storage.join(folder, *LOCK_PATH.parts)
+    previous = _parse_holder(storage.read_bytes(target)) if storage.exists(target) else None
+    if previous and _alive_here(previous):
+        raise _refuse(folder, previous)
+    if previous:
+        print(
+            f"note: {target} was left by a build that is gone ({_describe(previous)}); "
+            "taking it over",
+            file=sys.stderr,
+        )
+    storage.write_text(target, json.dumps(_me()))
+    try:
+        yield
+    finally:
+        storage.remove(target)
+
+
+@contextlib.contextmanager
+def build_lock(folder: storage.Target) -> Iterator[None]:
     """Hold the folder's build lock for the body; raises BuildLocked if another build has it."""
+    if storage.is_uri(folder):
+        with _remote_lock(folder):
+            yield
+        return
+    folder = Path(folder)
     path = folder / LOCK_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -97,9 +134,8 @@ def build_lock(folder: Path) -> Iterator[None]:
                 "taking it over",
                 file=sys.stderr,
             )
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.pwrite(fd, json.dumps(_me()).encode(), 0)
         os.fsync(fd)
         try:
             yield

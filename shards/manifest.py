@@ -9,6 +9,8 @@ DIR/units/*.json    one report per work unit (the resume records)
 DIR/*.tar           the shards
 DIR/.lock/          held while a build runs (lock.py)
 
+DIR may be an object-store URL (s3://bucket/corpus); see storage.py.
+
 A unit whose build failed keeps its report (the manifest lists it as failed, with the
 reason) but does not count as done: the next build retries it, and `verify` fails until
 every unit is built.
@@ -16,24 +18,24 @@ every unit is built.
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+
+from shards import storage
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
 UNITS_DIR = "units"
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+def read_json(path: storage.Target) -> Any:
+    return storage.read_json(path)
 
 
-def load_manifest(build_dir: str | Path) -> dict[str, Any]:
-    path = Path(build_dir) / MANIFEST
-    if not path.exists():
+def load_manifest(build_dir: storage.Target) -> dict[str, Any]:
+    path = storage.join(build_dir, MANIFEST)
+    if not storage.isfile(path):
         raise ValueError(
             f"{build_dir} has no {MANIFEST}: is it a finished `brainmoe shards build` output?"
         )
@@ -41,14 +43,14 @@ def load_manifest(build_dir: str | Path) -> dict[str, Any]:
 
 
 def assemble_manifest(
-    out: Path, units: list[tuple[str, str]], header: dict[str, Any]
+    out: storage.Target, units: list[tuple[str, str]], header: dict[str, Any]
 ) -> dict[str, Any]:
     """The manifest from the reports of `units` ([(unit id, source spec)], in build order)."""
     shards, recordings, entries = [], [], []
     totals: Counter = Counter()
     rejected_windows: Counter = Counter()
     for unit_id, spec in units:
-        report = read_json(out / UNITS_DIR / f"{unit_id}.json")
+        report = read_json(storage.join(out, UNITS_DIR, f"{unit_id}.json"))
         entries.append(
             {
                 "unit": unit_id,
@@ -129,16 +131,17 @@ def summary_table(manifest: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def unit_problems(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
+def unit_problems(build_dir: storage.Target, manifest: dict[str, Any]) -> list[str]:
     """Units that are failed, or whose report is gone: the corpus is not whole."""
     problems = []
+    reports = storage.list_sizes(storage.join(build_dir, UNITS_DIR))
     for unit in manifest["units"]:
         if unit["status"] != "ok":
             problems.append(
                 f"unit {unit['unit']} failed ({unit['reason']}); its data is not in the "
                 "shards: re-run the build to retry it"
             )
-        elif not (build_dir / UNITS_DIR / f"{unit['unit']}.json").exists():
+        elif f"{unit['unit']}.json" not in reports:
             problems.append(f"unit {unit['unit']}: report {UNITS_DIR}/{unit['unit']}.json missing")
     if len(manifest["units"]) != manifest["totals"].get("units", len(manifest["units"])):
         problems.append(
@@ -148,38 +151,36 @@ def unit_problems(build_dir: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def verify(build_dir: str | Path) -> list[str]:
+def verify(build_dir: storage.Target) -> list[str]:
     """Re-hash every shard against the manifest, and check that every unit was built;
-    returns the problems (empty if all is well)."""
-    from shards.writer import sha256_file
-
-    build_dir = Path(build_dir)
+    returns the problems (empty if all is well). One listing gives every size, so a corpus
+    in an object store costs one request per shard (its bytes), not three."""
+    build_dir = build_dir if storage.is_uri(build_dir) else Path(build_dir)
     manifest = load_manifest(build_dir)
     problems = unit_problems(build_dir, manifest)
+    present = storage.list_sizes(build_dir)
     listed = set()
     for shard in manifest["shards"]:
         listed.add(shard["name"])
-        path = build_dir / shard["name"]
-        if not path.exists():
+        size = present.get(shard["name"])
+        if size is None:
             problems.append(f"{shard['name']}: missing")
-        elif path.stat().st_size != shard["bytes"]:
-            problems.append(
-                f"{shard['name']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}"
-            )
-        elif sha256_file(path) != shard["sha256"]:
+        elif size != shard["bytes"]:
+            problems.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']}")
+        elif storage.sha256(storage.join(build_dir, shard["name"])) != shard["sha256"]:
             problems.append(f"{shard['name']}: sha256 differs from the manifest")
-    for path in sorted(build_dir.glob("*.tar")):
-        if path.name not in listed:
-            problems.append(f"{path.name}: not in the manifest")
-    sizes_path = build_dir / SIZES
-    if not sizes_path.exists() or read_json(sizes_path) != {
+    for name in sorted(present):
+        if name.endswith(".tar") and name not in listed:
+            problems.append(f"{name}: not in the manifest")
+    sizes_path = storage.join(build_dir, SIZES)
+    if SIZES not in present or read_json(sizes_path) != {
         s["name"]: s["samples"] for s in manifest["shards"]
     }:
         problems.append(f"{SIZES}: missing or does not match the manifest")
     return problems
 
 
-def stats(build_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+def stats(build_dir: storage.Target) -> dict[str, dict[str, dict[str, Any]]]:
     """Hours, samples and channel counts per dataset and per subject."""
     manifest = load_manifest(build_dir)
     hours_per_window = manifest["window_s"] / 3600
@@ -197,7 +198,7 @@ def stats(build_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
-def format_stats(build_dir: str | Path) -> str:
+def format_stats(build_dir: storage.Target) -> str:
     table = stats(build_dir)
     lines = [f"{'dataset':<24} {'subject':<28} {'recs':>5} {'samples':>8} {'hours':>8}  channels"]
     total_s = total_h = 0

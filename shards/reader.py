@@ -24,6 +24,9 @@ stages. What it guarantees, and why:
   any error (tar cannot tell a cut at a member boundary from the end) is caught by comparing
   its sample count with sizes.json. A sample that fails to decode is skipped the same way.
   One bad file in a 10,000-shard corpus must not stop a multi-node run.
+* Object stores. A build folder may be a URL (s3://bucket/corpus, see storage.py); each
+  shard is then opened with fsspec and streamed through webdataset's tar iterator block by
+  block, never downloaded whole, so a worker holds one read block, not one shard.
 
 Batching of variable montages: pad + mask, not bucketing. A batch mixes samples with 19..128
 channels (and, for epoched trials, different lengths); `collate_eeg` zero-pads to the
@@ -59,6 +62,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from shards import storage
 from shards.manifest import SIZES, read_json
 
 Source = str | os.PathLike | Sequence[str | os.PathLike]
@@ -121,9 +125,10 @@ def _is_url(text: str) -> bool:
     return "://" in text or text.startswith("pipe:")
 
 
-def _build_dir_shards(path: Path) -> dict[str, int]:
-    sizes_path = path / SIZES
-    if not sizes_path.is_file():
+def _build_dir_shards(path: storage.Target) -> dict[str, int]:
+    sizes_path = storage.join(path, SIZES)
+    present = storage.list_sizes(path)  # one listing, not a request per shard
+    if SIZES not in present:
         raise ValueError(
             f"{path} has no {SIZES}: is it a finished `brainmoe shards build` output? "
             "(pass shard paths explicitly to read shards without one)"
@@ -138,24 +143,27 @@ def _build_dir_shards(path: Path) -> dict[str, int]:
         raise ValueError(f"{sizes_path} must map shard file names to sample counts")
     if not sizes:
         raise ValueError(f"{path} holds no shards ({SIZES} is empty)")
-    missing = sorted(name for name in sizes if not (path / name).is_file())
+    missing = sorted(name for name in sizes if name not in present)
     if missing:
         raise ValueError(
             f"{path}: {len(missing)} shard(s) listed in {SIZES} are missing, e.g. {missing[0]} "
             "(an incomplete copy?)"
         )
     # Sorted names, so the order (and hence the shuffle) does not depend on JSON key order.
-    return {str(path / name): sizes[name] for name in sorted(sizes)}
+    return {str(storage.join(path, name)): sizes[name] for name in sorted(sizes)}
 
 
 def _sizes_beside(shard: str) -> int | None:
     """open_clip's convention: a shard's count may come from a sizes.json in its folder."""
-    path = Path(shard)
-    sizes_path = path.parent / SIZES
-    if not sizes_path.is_file():
+    if storage.is_uri(shard):
+        folder, name = shard.rsplit("/", 1)
+    else:
+        folder, name = Path(shard).parent, Path(shard).name
+    sizes_path = storage.join(folder, SIZES)
+    if not storage.isfile(sizes_path):
         return None
     try:
-        value = read_json(sizes_path).get(path.name)
+        value = read_json(sizes_path).get(name)
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     return value if isinstance(value, int) else None
@@ -173,12 +181,20 @@ def list_shards(source: Source) -> ShardSet:
     sizes: dict[str, int | None] = {}
     for item in items:
         text = os.fspath(item)
-        if not _is_url(text) and Path(text).is_dir():
-            found: dict[str, int | None] = dict(_build_dir_shards(Path(text)))
+        if storage.is_uri(text) and "{" not in text and not text.endswith(".tar"):
+            if not storage.isdir(text):
+                raise ValueError(f"{text} does not exist (expected a build folder URL)")
+            found: dict[str, int | None] = dict(_build_dir_shards(text.rstrip("/")))
+        elif not _is_url(text) and Path(text).is_dir():
+            found = dict(_build_dir_shards(Path(text)))
         else:
             found = {}
             for url in wds.shardlists.expand_urls(text):
-                if _is_url(url):
+                if storage.is_uri(url):
+                    if not storage.isfile(url):
+                        raise ValueError(f"{url} does not exist (expected a .tar shard)")
+                    found[url] = _sizes_beside(url)
+                elif _is_url(url):
                     found[url] = None
                 elif not Path(url).is_file():
                     raise ValueError(f"{url} does not exist (expected a build dir or a .tar shard)")
@@ -310,7 +326,8 @@ class ReadShards(wds.PipelineStage):
             expected = self.sizes.get(url)
             count = 0
             try:
-                stream = wds.gopen(url)
+                # fsspec streams URLs (s3://...); pipe: and paths keep webdataset's opener
+                stream = storage.open_read(url) if storage.is_uri(url) else wds.gopen(url)
             except Exception as err:
                 _warn(f"skipping shard {url}: cannot open it: {_describe(err)}")
                 failures += 1

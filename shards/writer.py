@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from shards import storage
+
 PARTIAL = ".partial"
 
 
@@ -61,10 +63,16 @@ def unit_shard_pattern(unit_id: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(unit_id)}-\d{{5}}\.tar({re.escape(PARTIAL)})?$")
 
 
-def remove_unit_shards(out_dir: Path, unit_id: str) -> None:
-    """Delete whatever an earlier, interrupted attempt at this unit left behind."""
+def remove_unit_shards(out_dir: storage.Target, unit_id: str) -> None:
+    """Delete whatever an earlier, interrupted attempt at this unit left behind (in a local
+    folder or an object store)."""
     pattern = unit_shard_pattern(unit_id)
-    for path in out_dir.iterdir():
+    if storage.is_uri(out_dir):
+        for name in storage.list_sizes(out_dir):
+            if pattern.match(name):
+                storage.remove(storage.join(out_dir, name))
+        return
+    for path in Path(out_dir).iterdir():
         if pattern.match(path.name):
             path.unlink()
 

@@ -1,0 +1,247 @@
+"""A corpus in S3-compatible storage: built, verified and read there as it is on disk.
+
+A real S3 server (moto's standalone one) on 127.0.0.1, reached only through the variables
+a user sets for MinIO or AWS (endpoint, keys, region), so the test covers what botocore and
+s3fs pick up by themselves, not a client configured by the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main as brainmoe
+from shards import storage
+from shards.build import BuildConfig, build
+from shards.config import load_config
+from shards.lock import BuildLocked
+from shards.manifest import verify
+from shards.reader import ReaderConfig, make_loader
+from tests.conftest import REPO, free_port
+
+pytest.importorskip("s3fs")
+MOTO = Path(sys.executable).with_name("moto_server")
+if not MOTO.exists():
+    pytest.skip("moto_server not installed: pip install 'moto[server]'", allow_module_level=True)
+
+SPEC = "synthetic?subjects=2&runs=1&duration_s=40"
+BUCKET = "bucket"
+CORPUS = f"s3://{BUCKET}/corpus"
+
+
+def _start_moto(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    _stop(proc)
+    raise RuntimeError("moto_server did not answer within 60 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and nothing else
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _s3fs():
+    fs, _ = storage.filesystem(CORPUS)
+    fs.invalidate_cache()
+    return fs
+
+
+def digests(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file of a build folder (shards, reports, manifest), lock excluded."""
+    if storage.is_uri(folder):
+        fs = _s3fs()
+        root = folder.removeprefix("s3://").rstrip("/")
+        names = [p[len(root) + 1 :] for p in fs.find(root)]
+        read = lambda name: fs.cat_file(f"{root}/{name}")  # noqa: E731
+    else:
+        root_path = Path(folder)
+        names = [str(p.relative_to(root_path)) for p in root_path.rglob("*") if p.is_file()]
+        read = lambda name: (root_path / name).read_bytes()  # noqa: E731
+    return {
+        name: hashlib.sha256(read(name)).hexdigest()
+        for name in sorted(names)
+        if not name.startswith(".lock")
+    }
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """Server, environment and bucket; then a local and an S3 build of the same spec."""
+    port = free_port()
+    proc = _start_moto(port)
+    home = tmp_path_factory.mktemp("home")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_CONFIG_FILE", str(home / "config"))  # keep ~/.aws out
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+            _s3fs().mkdir(BUCKET)
+            local = tmp_path_factory.mktemp("local") / "corpus"
+            build(load_config(BuildConfig, sources=[SPEC], out=str(local), workers=0))
+            build(load_config(BuildConfig, sources=[SPEC], out=CORPUS, workers=0))
+            yield {"local": local, "port": port}
+    finally:
+        _stop(proc)
+
+
+def test_s3_build_is_byte_identical_to_a_local_one_and_resumes(s3):
+    reference = digests(s3["local"])
+    assert any(name.endswith(".tar") for name in reference)
+    assert {"manifest.json", "sizes.json", "build.json"} <= set(reference)
+    assert digests(CORPUS) == reference
+    assert not storage.exists(f"{CORPUS}/.lock/build.lock"), "the lock is released"
+
+    # A unit whose report is gone (a build killed before it) is rebuilt; the rest is kept.
+    fs = _s3fs()
+    reports = sorted(fs.ls(f"{BUCKET}/corpus/units"))
+    fs.rm_file(reports[0])
+    fs.rm_file(f"{BUCKET}/corpus/manifest.json")
+    kept = reports[1]
+    before = fs.info(kept)["LastModified"]
+    build(load_config(BuildConfig, sources=[SPEC], out=CORPUS, workers=0))
+    assert digests(CORPUS) == reference
+    assert _s3fs().info(kept)["LastModified"] == before, "a finished unit is not rebuilt"
+
+
+def test_s3_lock_refuses_a_second_build_and_takes_over_a_dead_one(s3, capsys):
+    lock = f"{CORPUS}/.lock/build.lock"
+    cfg = load_config(BuildConfig, sources=[SPEC], out=CORPUS, workers=0)
+    storage.write_text(lock, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    with pytest.raises(BuildLocked, match="being built by another build"):
+        build(cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage.write_text(lock, json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    build(cfg)
+    assert "taking it over" in capsys.readouterr().err
+    assert not storage.exists(lock)
+
+
+def test_reader_streams_the_same_samples_from_s3(s3):
+    cfg = ReaderConfig(batch_size=8, num_workers=0, shuffle=False)
+    local = next(iter(make_loader(str(s3["local"]), cfg)))
+    remote = next(iter(make_loader(CORPUS, cfg)))
+    assert remote["key"] == local["key"]
+    for name in ("eeg", "channel_mask", "time_mask", "ch_pos", "pos_known", "ch_known", "sfreq"):
+        assert remote[name].equal(local[name]), name
+    assert all(url.startswith(CORPUS + "/") for url in remote["shard"])
+
+    # A whole shuffled epoch through forked DataLoader workers, as pretraining reads it.
+    cfg = ReaderConfig(batch_size=8, num_workers=2, shuffle=True, seed=3)
+    epoch = lambda source: sorted(k for b in make_loader(source, cfg) for k in b["key"])  # noqa: E731
+    assert epoch(CORPUS) == epoch(str(s3["local"]))
+
+
+def test_pretrain_config_accepts_s3_shards(s3, tmp_path):
+    from pretrain.config import PretrainConfig
+    from pretrain.model import validate_config
+
+    cfg = load_config(
+        PretrainConfig,
+        str(REPO / "configs" / "pretrain" / "tiny.yaml"),
+        [f"data.shards=[{CORPUS}]", f"train.run_dir={tmp_path / 'run'}"],
+    )
+    validate_config(cfg, world_size=None)
+    cfg.data.shards = [f"s3://{BUCKET}/nothing-here"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        validate_config(cfg, world_size=None)
+
+
+@pytest.mark.slow
+def test_pretraining_reads_the_s3_corpus(s3, tmp_path):
+    """`brainmoe pretrain` (2 CPU ranks under DeepSpeed) streams its shards from the bucket,
+    and the run's lineage names the corpus's manifest by its hash."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    cmd = [sys.executable, "-m", "cluster.cli", "pretrain", "--num-gpus", "2"]
+    cmd += ["--master-port", str(free_port())]
+    cmd += ["--config", str(REPO / "configs" / "pretrain" / "tiny.yaml"), f"data.shards=[{CORPUS}]"]
+    cmd += [f"train.run_dir={run_dir}", "train.steps=10", "train.log_every=5"]
+    cmd += ["train.ckpt_every=10", "optim.warmup_steps=2", "train.plots=false"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    assert steps == [5, 10]
+    lineage = json.loads((run_dir / "checkpoints" / "step0000010" / "lineage.json").read_text())
+    manifest = storage.read_bytes(f"{CORPUS}/manifest.json")
+    assert lineage["shard_manifests"] == {CORPUS: hashlib.sha256(manifest).hexdigest()}
+
+
+def test_cli_build_and_verify_on_s3_find_a_corrupted_shard(s3):
+    url = f"s3://{BUCKET}/cli"
+    cli = [sys.executable, "-m", "cluster.cli", "shards"]
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [*cli, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    built = run("build", "--source", SPEC, "--out", url, "--workers", "0")
+    assert built.returncode == 0, built.stderr
+    ok = run("verify", url)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK:" in ok.stdout
+    assert verify(url) == []
+
+    fs = _s3fs()
+    shard = sorted(p for p in fs.ls(f"{BUCKET}/cli") if p.endswith(".tar"))[0]
+    blob = bytearray(fs.cat_file(shard))
+    blob[len(blob) // 2] ^= 0xFF  # same size, other bytes: only the hash can tell
+    fs.pipe_file(shard, bytes(blob))
+    fs.pipe_file(f"{BUCKET}/cli/stray-00000.tar", b"x")
+    bad = run("verify", url)
+    assert bad.returncode == 1
+    name = shard.rsplit("/", 1)[1]
+    assert f"FAIL {name}: sha256 differs from the manifest" in bad.stderr
+    assert "stray-00000.tar: not in the manifest" in bad.stderr
+    assert brainmoe(["shards", "stats", url]) == 0
+
+
+def test_unsupported_scheme_and_missing_s3fs_are_clear_errors(monkeypatch):
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # the module; fsspec.registry is a dict
+    with pytest.raises(ValueError, match="unsupported URL scheme nosuch://"):
+        build(load_config(BuildConfig, sources=[SPEC], out="nosuch://b/c", workers=0))
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        make_loader("nosuch://b/c")
+    monkeypatch.setitem(
+        registry.known_implementations,
+        "s3",
+        {"class": "no_such_s3fs_module.S3FileSystem", "err": "Install s3fs to access S3"},
+    )
+    monkeypatch.delitem(registry._registry, "s3", raising=False)
+    with pytest.raises(ValueError, match="pip install s3fs"):
+        build(load_config(BuildConfig, sources=[SPEC], out=CORPUS, workers=0))
