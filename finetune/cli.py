@@ -2,8 +2,8 @@
 
 `brainmoe finetune` does everything that can fail or is done once in this process -- the
 config, the split, the stimuli (a missing image stops here), the encoder, the heads' base
-models, and the CLIP embeddings (a Ray job, skipped when cached) -- then hands over to the
-`deepspeed` launcher, like `brainmoe pretrain`.
+models, and the CLIP embeddings (a Ray job, skipped when cached) -- then hands over to a
+launcher in cluster/ (`deepspeed`, or Ray Train with `--launcher ray`), like `brainmoe pretrain`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pretrain.cli import add_launch_arguments, check_launch_arguments, launch
+from cluster.deepspeed_launch import add_launch_arguments, check_launch_arguments, launch
 
 RUN_PY = Path(__file__).resolve().with_name("run.py")
 
@@ -61,19 +61,24 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from cluster.ray_train import config_overrides, launch_ray, world_size
     from finetune.config import FinetuneConfig
     from finetune.prepare import ensure_clip, prepare, validate_finetune
     from pretrain.config import load_run_config
     from pretrain.tracking import check_tracking_store
 
     world = check_launch_arguments(args)
+    args.overrides = [*args.overrides, *config_overrides(args)]
     cfg = load_run_config(FinetuneConfig, args.config, args.overrides)
+    world = world_size(args, cfg, world)
     validate_finetune(cfg, world)  # the cheap checks, before prepare() reads anything
     check_tracking_store(cfg.tracking)  # before prepare() resolves models:/ URIs through it
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(cfg, world, Path(tmp))
     print(prepared.split.summary(), flush=True)
     print(f"CLIP embeddings: {ensure_clip(cfg, prepared.stimuli, args.clip_workers)}", flush=True)
+    if args.launcher == "ray":
+        return launch_ray("finetune", cfg, args)
     return launch(args, RUN_PY)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from cluster.ray_train import RayConfig
 from finetune.clip_cache import ClipConfig
 from finetune.heads.image import ImageHeadConfig
 from finetune.heads.retrieval import RetrievalHeadConfig
@@ -127,3 +128,4 @@ class FinetuneConfig(RunPaths):
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)  # --launcher ray only

@@ -94,13 +94,33 @@ def begin_save(folder: Path) -> None:
     (folder / MARKER).unlink(missing_ok=True)
 
 
-def write_marker(folder: Path, step: int) -> None:
-    """Rank 0, after a barrier: every file of the checkpoint, with size and sha256."""
+def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """{name: {size, sha256}} of every file in a checkpoint folder but the marker."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name not in (MARKER, MARKER + ".tmp"):
             files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def merge_entries(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One file list from each rank's (rank-local folders: Ray merges the files later, so two
+    ranks writing one name differently would lose one of them silently)."""
+    files: dict[str, dict[str, Any]] = {}
+    for rank, entries in enumerate(per_rank):
+        for name, meta in entries.items():
+            if name in files and files[name] != meta:
+                raise RuntimeError(f"checkpoint file {name} differs between ranks (rank {rank})")
+            files[name] = meta
+    return dict(sorted(files.items()))
+
+
+def write_marker(folder: Path, step: int, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Rank 0, after a barrier: every file of the checkpoint, with size and sha256 (``files``:
+    the ranks' own lists, where their folders are rank-local)."""
+    if files is None:
+        files = file_entries(folder)
     tmp = folder / (MARKER + ".tmp")
     with open(tmp, "w") as fh:
         json.dump({"step": step, "files": files}, fh, indent=1)

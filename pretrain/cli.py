@@ -1,9 +1,9 @@
 """`brainmoe pretrain | export | register | probe`: the pretraining layer's commands.
 
 `brainmoe pretrain` checks the whole config (world size included, and that an http tracking
-server answers) in this process, so a mistake costs a second instead of a DeepSpeed launch,
-then hands over to the `deepspeed` launcher; on a machine without CUDA it selects DeepSpeed's
-CPU accelerator (gloo). A single-node run keeps its rendezvous on the loopback interface.
+server answers) in this process, so a mistake costs a second instead of a launch, then hands
+the training loop to a launcher in cluster/: `deepspeed pretrain/run.py` (default) or Ray
+Train workers (`--launcher ray`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
+
+from cluster.deepspeed_launch import add_launch_arguments
 
 RUN_PY = Path(__file__).resolve().with_name("run.py")
 
@@ -24,7 +23,8 @@ def add_parsers(subparsers) -> None:
         "pretrain",
         help="masked-signal pretraining of the MoE encoder under DeepSpeed",
         description="Checks the config, then runs `deepspeed pretrain/run.py` on this node "
-        "(or on every node of --hostfile).",
+        "(or on every node of --hostfile), or the same loop on Ray Train workers "
+        "(--launcher ray).",
     )
     add_launch_arguments(pre, "configs/pretrain/*.yaml")
     pre.set_defaults(func=_pretrain)
@@ -95,80 +95,22 @@ def add_parsers(subparsers) -> None:
     moabb.set_defaults(func=moabb_eval.run)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def add_launch_arguments(parser: argparse.ArgumentParser, configs: str) -> None:
-    """The arguments of every command that launches `deepspeed <layer>/run.py`."""
-    parser.add_argument("--config", help=f"YAML run config ({configs})")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes per node (default 1)")
-    parser.add_argument("--num-nodes", type=int, default=1, help="nodes (with --hostfile)")
-    parser.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
-    parser.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-
-
-def check_launch_arguments(args: argparse.Namespace) -> int:
-    """-> world size."""
-    if args.num_gpus < 1 or args.num_nodes < 1:
-        raise ValueError("--num-gpus and --num-nodes must be at least 1")
-    if args.num_nodes > 1 and not args.hostfile:
-        raise ValueError("--num-nodes > 1 needs --hostfile listing the nodes")
-    return args.num_gpus * args.num_nodes
-
-
-def launch_command(args: argparse.Namespace, run_py: Path = RUN_PY) -> list[str]:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher) if launcher.exists() else "deepspeed"]
-    if args.hostfile:
-        cmd += ["--hostfile", args.hostfile, "--num_nodes", str(args.num_nodes)]
-    else:  # one node: the ranks meet on 127.0.0.1, not on an address other machines reach
-        cmd += ["--master_addr", "127.0.0.1"]
-    cmd += ["--num_gpus", str(args.num_gpus), "--master_port", str(args.master_port or free_port())]
-    cmd += [str(run_py)]
-    if args.config:
-        cmd += ["--config", args.config]
-    return cmd + list(args.overrides)
-
-
 def _pretrain(args: argparse.Namespace) -> int:
+    from cluster.deepspeed_launch import check_launch_arguments, launch
+    from cluster.ray_train import config_overrides, launch_ray, world_size
     from pretrain.config import PretrainConfig, load_run_config
     from pretrain.model import validate_config
     from pretrain.tracking import check_tracking_store
 
     world = check_launch_arguments(args)
+    args.overrides = [*args.overrides, *config_overrides(args)]
     cfg = load_run_config(PretrainConfig, args.config, args.overrides)
+    world = world_size(args, cfg, world)
     validate_config(cfg, world_size=world)
     check_tracking_store(cfg.tracking)
+    if args.launcher == "ray":
+        return launch_ray("pretrain", cfg, args)
     return launch(args, RUN_PY)
-
-
-def launch_env(args: argparse.Namespace) -> dict[str, str]:
-    """The launcher's environment: this one's `python`s, CPU DeepSpeed without CUDA, and on one
-    node gloo on the loopback interface (it listens on the interface its host name resolves to
-    unless told otherwise; torch's TCPStore on --master_port listens on every interface,
-    whatever is passed)."""
-    env = dict(os.environ)
-    # the launcher starts `python`s of its own: make them this environment's
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if "DS_ACCELERATOR" not in env:
-        import torch
-
-        if not torch.cuda.is_available():
-            env["DS_ACCELERATOR"] = "cpu"  # gloo on CPU: laptops, CI
-    if not args.hostfile and Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
-
-
-def launch(args: argparse.Namespace, run_py: Path) -> int:
-    """Hand over to the deepspeed launcher, in this environment (CPU: DeepSpeed's gloo)."""
-    cmd = launch_command(args, run_py)
-    print("$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env=launch_env(args)).returncode
 
 
 def _export(args: argparse.Namespace) -> int:

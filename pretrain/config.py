@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from cluster.ray_train import RayConfig
 from pretrain import checkpoint
 from pretrain.ds_config import DistConfig, OptimConfig
 from pretrain.tracking import TrackingConfig
+from shards import storage
 from shards.manifest import load_manifest
 from shards.reader import ReaderConfig
 
@@ -100,6 +102,8 @@ RUN_RANGES: dict[str, Range] = {
     "data.reader.shuffle_initial": NON_NEGATIVE,
     "data.reader.samples_per_epoch": COUNT,
     "data.reader.prefetch_factor": COUNT,
+    "ray.num_workers": COUNT,
+    "ray.max_failures": Range(-1),  # -1: restart without limit
 }
 
 
@@ -215,6 +219,7 @@ class PretrainConfig(RunPaths):
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)  # --launcher ray only
 
 
 def validate_run(cfg, world_size: int | None) -> None:
@@ -259,7 +264,7 @@ def validate_run(cfg, world_size: int | None) -> None:
             "data.shards is empty: give the build folder(s), e.g. data.shards=[corpus/]"
         )
     for folder in cfg.data.shards:
-        if not Path(folder).is_dir():
+        if not storage.isdir(folder):  # a local folder or a URL such as s3://bucket/corpus
             raise ValueError(f"data.shards: {folder} is not a folder")
         if load_manifest(folder)["totals"]["samples"] == 0:
             raise ValueError(f"{folder} holds no samples")

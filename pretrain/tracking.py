@@ -218,6 +218,10 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
         "config_sha256": lineage.get("config_sha256", "unknown"),
         "git_commit": lineage.get("git_commit", "unknown"),
         "step": str(lineage.get("step", "unknown")),
+        # how it was trained: launcher, ranks, and the Ray job (ray job logs <id>)
+        "launcher": str(lineage.get("launcher", "deepspeed")),
+        "world_size": str(lineage.get("world_size", "unknown")),
+        **({"ray_job_id": str(lineage["ray_job_id"])} if lineage.get("ray_job_id") else {}),
     }
 
 

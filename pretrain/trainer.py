@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,28 @@ class TrainState:
     nan_skipped: int = 0
     nan_streak: int = 0
     mlflow_run_id: str | None = None
+
+
+class SharedCheckpoints:
+    """Where the DeepSpeed launcher's checkpoints live: `run_dir/checkpoints`, which every rank
+    sees (one node, or a shared folder), so each save is complete where it lands. The Ray
+    launcher passes its own store (cluster/ray_train.py) with the same four methods."""
+
+    rank_local = False  # every rank writes into, and rank 0 hashes, the same folder
+    restored = False  # a restart with a checkpoint to resume from, whatever train.resume says
+
+    def setup(self, trainer: Trainer) -> Path:
+        return trainer.cfg.ckpt_path
+
+    def publish(self, trainer: Trainer, folder: Path, metrics: dict[str, Any]) -> None:
+        """Every rank, after a checkpoint is complete."""
+
+    def complete_dir(self, trainer: Trainer) -> Path:
+        """A checkpoints folder holding every rank's files of the newest save (for export)."""
+        return trainer.ckpt_dir
+
+    def lineage(self) -> dict[str, Any]:
+        return {"launcher": "deepspeed"}
 
 
 def log(msg: str) -> None:
@@ -107,16 +130,18 @@ class Trainer:
         return info
 
     # ---- set-up -------------------------------------------------------------------------
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, checkpoints: SharedCheckpoints | None = None):
         import deepspeed
 
         self.cfg = cfg
         backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
+        # under Ray Train the process group exists already: DeepSpeed adopts it
         deepspeed.init_distributed(dist_backend=backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.checkpoints = checkpoints or SharedCheckpoints()
         self.validate(self.world)
         self.run_dir = cfg.run_path
-        self.ckpt_dir = cfg.ckpt_path
+        self.ckpt_dir = self.checkpoints.setup(self)
         self.tracking_uri = (
             tracking_uri(cfg.tracking, self.run_dir) if cfg.tracking.enabled else None
         )
@@ -188,12 +213,23 @@ class Trainer:
             self.checkpoint_extras(folder)
             (folder / "lineage.json").write_text(json.dumps(self.lineage(), indent=1))
             checkpoint.write_train_state(folder, asdict(self.state))
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists():  # the curve so far travels with the checkpoint
+                shutil.copy(metrics, folder / "metrics.jsonl")
+        files = None
+        if self.checkpoints.rank_local:  # rank 0 cannot see the others' files: they send them
+            own = checkpoint.file_entries(folder)
+            every: list[Any] = [None] * self.world
+            dist.all_gather_object(every, own)
+            files = checkpoint.merge_entries(every)
         dist.barrier()  # every rank's files are on disk: only now may the marker say so
         if self.rank == 0:
-            checkpoint.write_marker(folder, self.state.step)
+            checkpoint.write_marker(folder, self.state.step, files)
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         dist.barrier()
         log(f"checkpoint {folder}")
+        last = self.history[-1] if self.history and self.rank == 0 else {}
+        self.checkpoints.publish(self, folder, {**last, "step": self.state.step})
 
     def resume(self) -> bool:
         tag = checkpoint.agree_on_tag(self.ckpt_dir, self.rank, warn)
@@ -208,6 +244,8 @@ class Trainer:
         self.state = TrainState(**checkpoint.read_train_state(folder))
         checkpoint.read_rng_state(checkpoint.rng_file(folder, self.rank))
         metrics = self.run_dir / "metrics.jsonl"
+        if not metrics.exists():  # rank 0 restarted on another node: the checkpoint's copy
+            metrics = folder / "metrics.jsonl"
         if metrics.exists():
             self.history = [
                 json.loads(line)
@@ -215,7 +253,10 @@ class Trainer:
                 if line.strip() and json.loads(line)["step"] <= self.state.step
             ]
             if self.rank == 0:
-                metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "metrics.jsonl").write_text(
+                    "".join(json.dumps(h) + "\n" for h in self.history)
+                )
         log(
             f"resumed at step {self.state.step} (epoch {self.state.epoch}, "
             f"batch {self.state.batch_in_epoch})"
@@ -225,11 +266,13 @@ class Trainer:
     def lineage(self) -> dict[str, Any]:
         import hashlib
 
+        from shards import storage
+
         manifests = {}
-        for folder in self.cfg.data.shards:
-            path = Path(folder) / "manifest.json"
-            if path.exists():
-                manifests[str(folder)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in self.cfg.data.shards:  # a local folder or an s3:// URL
+            path = storage.join(folder, "manifest.json")
+            if storage.exists(path):
+                manifests[str(folder)] = hashlib.sha256(storage.read_bytes(path)).hexdigest()
         config = to_dict(self.cfg)
         return {
             "shard_manifests": manifests,
@@ -241,19 +284,28 @@ class Trainer:
             "step": self.state.step,
             "mlflow_run_id": self.state.mlflow_run_id,
             "tracking_uri": self.tracking_uri,
+            "world_size": self.world,
+            **self.checkpoints.lineage(),
         }
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.train.resume:
+        if cfg.train.resume or self.checkpoints.restored:
             self.resume()
         tracker = Tracker(
             cfg.tracking, self.run_dir, active=self.rank == 0, run_id=self.state.mlflow_run_id
         )
         self.state.mlflow_run_id = tracker.run_id
         tracker.log_params(flatten(to_dict(cfg)))
-        tracker.set_tags({"git_commit": git_commit(), "world_size": str(self.world)})
+        launcher = self.checkpoints.lineage()
+        tracker.set_tags(
+            {
+                "git_commit": git_commit(),
+                "world_size": str(self.world),
+                **{k: str(v) for k, v in launcher.items() if k in ("launcher", "ray_job_id")},
+            }
+        )
         tracker.log_dict(self.ds_config, "deepspeed.json")
 
         batches = self._batches()
@@ -313,6 +365,7 @@ class Trainer:
         except BaseException:
             tracker.finish("FAILED")
             raise
+        self.ckpt_dir = self.checkpoints.complete_dir(self)  # what export reads
         result = self.finish(tracker)
         dist.barrier()
         tracker.finish()

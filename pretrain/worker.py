@@ -50,11 +50,18 @@ def run_main(
         return 2
 
 
+def train(trainer_cls: type[Trainer], cfg: Any, checkpoints: Any = None) -> dict[str, Any]:
+    """The training loop as one call, what every launcher runs on each rank: the DeepSpeed
+    launcher's ranks (run_worker) and each Ray Train worker (cluster/ray_train.py), which
+    passes the checkpoint store that reports to Ray."""
+    return trainer_cls(cfg, checkpoints=checkpoints).train()
+
+
 def run_worker(trainer_cls: type[Trainer], cfg: Any) -> int:
-    """Entry for every rank: train, and turn a diverged run into exit status 3."""
-    trainer = trainer_cls(cfg)
+    """Entry for every rank of a DeepSpeed launch: train, and turn a diverged run into exit
+    status 3."""
     try:
-        trainer.train()
+        train(trainer_cls, cfg)
     except NonFiniteLossError as err:
         log(f"error: {err}")
         return 3

@@ -379,17 +379,18 @@ def test_deepspeed_checkpoint_engine_loads_weights_only(tmp_path):
 # ---- 11b: a single node keeps its rendezvous on loopback -------------------------------------
 def test_single_node_launch_uses_loopback(tmp_path):
     from cluster.cli import build_parser
-    from pretrain.cli import launch_command, launch_env
+    from cluster.deepspeed_launch import launch_command, launch_env
+    from pretrain.cli import RUN_PY
 
     parser = build_parser()
     one = parser.parse_args(["pretrain", "--num-gpus", "2", "--master-port", "29500"])
-    cmd = launch_command(one)
+    cmd = launch_command(one, RUN_PY)
     assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
     if Path("/sys/class/net/lo").exists() and "GLOO_SOCKET_IFNAME" not in os.environ:
         assert launch_env(one)["GLOO_SOCKET_IFNAME"] == "lo"
     hosts = tmp_path / "hostfile"
     hosts.write_text("node1 slots=8\nnode2 slots=8\n")
     multi = parser.parse_args(["pretrain", "--hostfile", str(hosts), "--num-nodes", "2"])
-    assert "--master_addr" not in launch_command(multi)  # DeepSpeed finds the first host's
+    assert "--master_addr" not in launch_command(multi, RUN_PY)  # DeepSpeed finds the first host's
     if "GLOO_SOCKET_IFNAME" not in os.environ:
         assert "GLOO_SOCKET_IFNAME" not in launch_env(multi)

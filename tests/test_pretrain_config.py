@@ -100,11 +100,12 @@ def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path, capsys
 
 def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
     from cluster.cli import build_parser
-    from pretrain.cli import RUN_PY, launch_command
+    from cluster.deepspeed_launch import launch_command
+    from pretrain.cli import RUN_PY
 
     parser = build_parser()
     one = parser.parse_args(["pretrain", "--num-gpus", "8", "--master-port", "29500", "a=1"])
-    cmd = launch_command(one)
+    cmd = launch_command(one, RUN_PY)
     assert Path(cmd[0]).name == "deepspeed"
     assert cmd[1:] == [
         *["--master_addr", "127.0.0.1", "--num_gpus", "8", "--master_port", "29500"],
@@ -116,7 +117,7 @@ def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
         ["pretrain", "--hostfile", str(hosts), "--num-nodes", "2", "--num-gpus", "8"]
         + ["--config", TINY, "--master-port", "29500"]
     )
-    cmd = launch_command(multi)
+    cmd = launch_command(multi, RUN_PY)
     assert cmd[1:5] == ["--hostfile", str(hosts), "--num_nodes", "2"]
     assert cmd[-3:] == [str(RUN_PY), "--config", TINY]
 
