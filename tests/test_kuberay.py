@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.metadata
+import os
 import shlex
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def _close(node):
 def _validator(plural: str):
     from jsonschema import Draft202012Validator
 
-    crd_file = _need(CRD_DIR) / f"ray.io_{plural}.yaml"
+    if not CRD_DIR.exists() and os.environ.get("BRAINMOE_REQUIRE_SHARED_DATA") != "1":
+        pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR} (../shared/kuberay-crds)")
+    crd_file = _need(CRD_DIR) / f"ray.io_{plural}.yaml"  # under CI (.ci/run): fail, not skip
     crd = yaml.load(crd_file.read_text(), Loader=LOADER)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1" and v["served"])
     return Draft202012Validator(_close(version["schema"]["openAPIV3Schema"]))
