@@ -10,6 +10,7 @@ resume), and no image is decoded or encoded during training.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,10 @@ def latent_cache(
         latents = encode(pixels).float().cpu()  # [b, 4, h, w]
         out.update(zip(chunk, latents, strict=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # every rank that found no cache computes the same latents: each writes its own temp file
+    # (a shared name let one rank's rename pull the file from under the other's) and the
+    # atomic rename makes the last writer's identical copy the cache
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(out, tmp)
     tmp.replace(path)
     return out
