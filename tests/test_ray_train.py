@@ -246,14 +246,14 @@ def registered(store: Path) -> list[str]:
     return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
 
 
+def ray_job(world: dict, *args: str) -> subprocess.CompletedProcess:
+    """`ray job <args>` against the test cluster."""
+    cmd = [BIN / "ray", "job", *args[:1], f"--address={world['address']}", *args[1:]]
+    return subprocess.run(cmd, env=world["env"], capture_output=True, text=True, timeout=60)
+
+
 def job_status(world: dict, job: str) -> str:
-    out = subprocess.run(
-        [BIN / "ray", "job", "status", f"--address={world['address']}", job],
-        env=world["env"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = ray_job(world, "status", job)
     # "Status for job 'X': RUNNING" while it runs; "Job 'X' succeeded" (failed, stopped) after
     name = re.escape(job)
     found = re.search(rf"Status for job '{name}': (\w+)|Job '{name}' (\w+)", out.stdout)
@@ -262,11 +262,5 @@ def job_status(world: dict, job: str) -> str:
 
 
 def logs(world: dict, job: str) -> str:
-    out = subprocess.run(
-        [BIN / "ray", "job", "logs", f"--address={world['address']}", job],
-        env=world["env"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = ray_job(world, "logs", job)
     return out.stdout + out.stderr
