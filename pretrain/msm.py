@@ -3,28 +3,33 @@
 Shape legend: B batch, C channels, P patches per channel, L samples per patch, N = C*P
 tokens, D encoder width, d decoder width.
 
-Why it looks like this:
+Why it looks like this (the design `configs/pretrain/*.yaml` use; the dataclass defaults
+keep the earlier one, for the ablation rows in bench/RESULTS.md):
 
-- **BERT-style masking at the encoder input** (a learned mask token replaces the patch
-  embedding; channel and time embeddings are still added) rather than MAE's dropping of
-  masked tokens: with variable montages and padding, keeping the sequence intact keeps one
-  code path (the same key-padding masks) and lets MoE routing see every token.
+- **MAE: the encoder sees only visible patches** (``encoder_input="visible"``); hidden
+  ones are re-inserted at the decoder as a mask token plus their channel and time
+  embeddings. The encoder computes on ~40% of the tokens, and MoE routing and its
+  statistics describe what it actually sees. ``"all"`` (BERT-style mask tokens at the
+  encoder input) stays for comparison.
 - **Two masking modes.** ``random`` hides valid patches independently; neighbouring
-  channels are strongly correlated in EEG, so this alone can be solved by spatial
-  interpolation. ``time_block`` hides every channel over a time span, forcing temporal
-  prediction. ``mixed`` picks one of the two per sample.
-- **Light dense decoder** (1-2 narrow layers): the encoder must carry the information; the
-  decoder only maps tokens back to samples and is thrown away after pretraining.
-- **Loss on masked, valid patches only**, in the encoder's input units (uV / input_scale),
-  optionally on per-patch normalised targets (MAE's ``norm_pix_loss``) so that
-  high-amplitude recordings do not dominate the loss.
+  channels are strongly correlated in EEG (0.92 on EEGMMIDB), so this alone can be solved by
+  spatial interpolation. ``time_block`` hides every channel over a time span, forcing
+  temporal prediction. ``mixed`` picks one of the two per sample.
+- **A decoder that reads raw samples** (``mix_heads``, ``time_mix``, ``spline_path``:
+  pretrain/mixing.py). Squeezing every hidden waveform through the token width predicts
+  nearly flat lines (R^2 0.04); mixing the *visible raw patches* of nearby channels, and of
+  the same channel's neighbouring patches, with weights computed from the tokens is what
+  takes reconstruction past spherical splines. The cost, measured in bench/RESULTS.md
+  ("MOABB", "Demo"): the encoder need not carry the waveform, and its frozen features are
+  no better for motor imagery than a random-init twin's.
+- **Loss on masked, valid patches only**, in the encoder's input units (each window divided
+  by one robust std of its visible samples), with each patch's mean removed from target and
+  prediction (``center_patches``: the 0.5 Hz high-pass leaves offsets no context predicts).
 - **What is reconstructed** (``target``): the samples (``signal``), the log amplitude
-  spectrum of each patch (``spectrum``), or both. Ongoing EEG rhythms have random phase, so
-  a hidden patch's samples are mostly unpredictable and time-domain MSE alone drives the
-  decoder to predict ~0 (the plotted reconstructions show it); its power per frequency
-  *is* predictable from context (a 10 Hz burst lasting 2 s), so the spectral target makes
-  the encoder carry band power -- what motor-imagery and most EEG labels live in (LaBraM
-  reconstructs Fourier amplitudes for the same reason).
+  spectrum of each patch (``spectrum``), or both. Ongoing rhythms have random phase, so a
+  hidden patch's samples are only partly predictable; its power per frequency is more so
+  (LaBraM reconstructs Fourier amplitudes for that reason). On EEGMMIDB the spectral target
+  did not make the frozen features better for motor imagery either (bench/RESULTS.md).
 - Masks come from an optional ``torch.Generator``: the same seed gives the same masks.
 """
 
