@@ -38,7 +38,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SPEC",
         help="an EEG source, e.g. synthetic, moabb:PhysionetMI?subjects=1, "
-        "files:DIR, things-eeg2:DIR, imagenet-eeg:FILE (repeatable)",
+        "files:DIR, bids:DIR, things-eeg2:DIR, imagenet-eeg:FILE (repeatable)",
     )
     parser.add_argument("--out", help="output folder for shards and manifest")
     parser.add_argument("--workers", type=int, help="parallel Ray tasks (0: no Ray, in-process)")

@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "files": "shards.sources.files:FilesSource",
     "things-eeg2": "shards.sources.things_eeg2:ThingsEEG2Source",
     "imagenet-eeg": "shards.sources.imagenet_eeg:ImageNetEEGSource",
+    "bids": "shards.sources.bids_datasets:BidsSource",
 }
 
 
