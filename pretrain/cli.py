@@ -33,7 +33,24 @@ def add_parsers(subparsers) -> None:
         "export", help="consolidate a (ZeRO) checkpoint into a from_pretrained folder"
     )
     exp.add_argument("checkpoint", help="run_dir/checkpoints (newest) or one step folder in it")
-    exp.add_argument("out", help="output folder (model.safetensors + config.json)")
+    exp.add_argument("out", help="output folder (model.safetensors, config.json, README.md)")
+    exp.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a `brainmoe evaluate reconstruction|moabb --json` result for the model card "
+        "(repeatable)",
+    )
+    exp.add_argument(
+        "--license",
+        help="license id for the card's metadata (e.g. apache-2.0; default: other): "
+        "what the training data's licenses allow",
+    )
+    exp.add_argument(
+        "--push-to-hub", metavar="ORG/NAME", help="then upload the folder to this Hub repo"
+    )
+    exp.add_argument("--private", action="store_true", help="create the Hub repo private")
     exp.set_defaults(func=_export)
 
     reg = subparsers.add_parser(
@@ -116,10 +133,16 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pretrain.encoder import Encoder
     from pretrain.export import export_checkpoint
+    from pretrain.hub import check_can_push, push_folder
 
-    out = export_checkpoint(args.checkpoint, args.out)
+    repo = args.push_to_hub
+    if repo:
+        check_can_push(repo)  # offline, no token, bad id: before the consolidation
+    out = export_checkpoint(args.checkpoint, args.out, args.eval, args.license, repo)
     n = Encoder.from_pretrained(out).num_parameters()  # proves the folder loads on its own
     print(f"exported {out} ({n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active)")
+    if repo:
+        print(f"pushed to {repo}: {push_folder(out, repo, private=args.private or None)}")
     return 0
 
 

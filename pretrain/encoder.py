@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.moe import BACKENDS, GATES, MoE, SwiGLU, load_imbalance
+from pretrain.moe import BACKENDS, GATES, MoE, SwiGLU
 from pretrain.packing import Packing, make_packing, packed_attention
 from pretrain.spectral import log_spectrum
 
@@ -792,17 +792,6 @@ class Encoder(nn.Module):
         for i, layer in enumerate(layers):
             layer.update_bias(None if counts is None else counts[i], rate)
 
-    def reset_routing_counts(self) -> None:
-        for layer in self.moe_layers():
-            layer.reset_counts()
-
-    def expert_stats(self) -> dict[str, Tensor]:
-        """Last forward's per-layer load: counts `[L_moe, E]`, max/mean load `[L_moe]`."""
-        counts = self.last_expert_counts
-        if counts is None or counts.numel() == 0:
-            return {}
-        return {"expert_counts": counts, "expert_imbalance": load_imbalance(counts)}
-
     # ---- parameters and checkpoints ------------------------------------------------------
 
     def num_parameters(self) -> dict[str, int]:
@@ -837,24 +826,45 @@ class Encoder(nn.Module):
         write_checksums(path, ["model.safetensors"], "config.json")
         return path
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save with a model card and upload as one commit of ``repo_id``; -> commit URL.
+        ``kwargs``: see :func:`pretrain.hub.push_folder` (``private``, ``token``, ...)."""
+        from pretrain.hub import push_encoder
+        from pretrain.model_card import write_model_card
+
+        return push_encoder(self.save_pretrained, write_model_card, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         **overrides: Any,
     ) -> Encoder:
         """Rebuild a saved encoder exactly (router biases included), without DeepSpeed.
 
-        ``overrides`` change non-architectural fields (e.g. ``activation_checkpointing``,
-        ``expert_backend``, ``dropout``).
+        ``path``: a folder or a Hub repo id ("org/name"), read through the Hub cache
+        (pretrain/hub.py). ``overrides`` change non-architectural fields (e.g.
+        ``activation_checkpointing``, ``expert_backend``, ``dropout``).
         """
-        from pretrain.artifacts import load_safetensors, read_json, verify_checksums
+        from pretrain.artifacts import ArtifactError, load_safetensors, read_json, verify_checksums
+        from pretrain.hub import resolve
 
-        path = Path(path)
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        path = resolve(path, token=token, **hub)
         remedy = ENCODER_REMEDY
         meta = read_json(path / "config.json", remedy)
+        if meta.get("model_type") != "brainmoe-encoder":
+            raise ArtifactError(
+                f"{path}/config.json is not a brainmoe encoder's (model_type "
+                f"{meta.get('model_type')!r}); give a folder written by save_pretrained"
+            )
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer brainmoe")
         config = EncoderConfig.from_dict({**meta["config"], **overrides})

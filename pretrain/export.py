@@ -1,4 +1,4 @@
-"""Checkpoint -> `save_pretrained` folder -> MLflow registry.
+"""Checkpoint -> `save_pretrained` folder + model card -> MLflow registry / Hugging Face Hub.
 
 A ZeRO checkpoint is sharded across ranks; `zero_to_fp32` consolidates it into one fp32
 state dict on any machine (no GPUs, no DeepSpeed launch). The encoder's part of it is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,15 @@ def checkpoint_tag_dir(ckpt: str | Path) -> tuple[Path, str]:
     )
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Consolidate the encoder of a (ZeRO) checkpoint into a `save_pretrained` folder.
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    evals: Sequence[str | Path] = (),
+    license: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Consolidate the encoder of a (ZeRO) checkpoint into a `save_pretrained` folder, with
+    a README.md model card (pretrain/model_card.py) listing the `evals` result files.
 
     `Encoder.save_pretrained` records the weights' sha256 and size in config.json, and
     `from_pretrained` checks them, so a copy damaged on its way to a user is refused.
@@ -35,7 +43,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 
     from pretrain.checkpoint import weights_only_loads
     from pretrain.encoder import Encoder, EncoderConfig
+    from pretrain.model_card import load_evals, write_model_card
 
+    results = load_evals(evals)  # a wrong file fails now, not after the consolidation
     root, tag = checkpoint_tag_dir(ckpt)
     tag_dir = root / tag
     config_file = tag_dir / "encoder_config.json"
@@ -59,6 +69,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     encoder.save_pretrained(out)
     if (tag_dir / "lineage.json").exists():
         shutil.copy(tag_dir / "lineage.json", out / "lineage.json")
+    write_model_card(out, evals=results, license=license, repo_id=repo_id)
     return out
 
 
