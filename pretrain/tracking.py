@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,15 +234,21 @@ def register_folder(
     tracking_uri: str,
     experiment: str = "brainmoe",
     run_id: str | None = None,
+    log_model: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
-    """Log a saved model folder as run artifacts and register it as a new model version.
+    """Log a saved model folder as an MLflow pyfunc model and register it as a new version.
 
-    The folder is a `save_pretrained` directory (safetensors + config.json), not an MLflow
-    flavour: what the registry stores is exactly what `from_pretrained` reads.
+    ``log_model(folder)`` logs the pyfunc model in the active run and returns its ModelInfo
+    (pretrain.pyfunc.log_encoder, the default, or finetune.pyfunc.log_heads): the folder --
+    a `save_pretrained` directory, safetensors + JSON -- lies unchanged in the model's
+    artifacts, where `resolve_model` finds it, so `from_pretrained` reads exactly what was
+    saved and `mlflow.pyfunc.load_model` / `mlflow models serve` can use the same version.
     """
     import mlflow
     from mlflow import MlflowClient
 
+    if log_model is None:
+        from pretrain.pyfunc import log_encoder as log_model
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -266,41 +273,66 @@ def register_folder(
         ctx = mlflow.start_run(run_id=run_id)
     with ctx:
         run = mlflow.active_run()
-        mlflow.log_artifacts(str(folder), "model")
+        info = log_model(Path(folder))
         mlflow.set_tags({f"model.{k}": v for k, v in tags.items()})
-        source = f"{run.info.artifact_uri}/model"
         run_id = run.info.run_id
     with contextlib.suppress(Exception):  # already registered is fine
         client.create_registered_model(name)
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    # MLflow 3: the logged model's own URI (models:/m-...) and id; MLflow 2: runs:/.../model
+    model_id = getattr(info, "model_id", None)
+    source = info.model_uri if model_id else client.get_run(run_id).info.artifact_uri + "/model"
+    extra = {"model_id": model_id} if model_id else {}
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags, **extra)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return {
         "name": name,
         "version": version.version,
         "alias": alias,
-        "source": source,
+        "source": version.source,
         "run_id": run_id,
         "tags": tags,
     }
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
-    """A local folder for `models:/name@alias`, `models:/name/3`, `runs:/...`, or a path."""
+    """A local folder for `models:/name@alias`, `models:/name/3`, `runs:/...`, or a path.
+
+    For a pyfunc model (an MLmodel file at the top) that is the saved folder in its
+    artifacts (``artifacts/model``), not the MLflow wrapper around it."""
     if "://" not in uri and not uri.startswith("models:/") and not uri.startswith("runs:/"):
         path = Path(uri)
         if not path.exists():
             raise ValueError(f"model {uri!r}: no such folder (or give models:/<name>@<alias>)")
-        return path
+        return _inner_folder(path)
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst) if dst else None))
+        path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst) if dst else None))
     except Exception as err:
         raise ValueError(f"cannot resolve {uri!r} at {mlflow.get_tracking_uri()}: {err}") from err
+    return _inner_folder(path)
+
+
+def _inner_folder(path: Path) -> Path:
+    """The saved folder of a downloaded pyfunc model; any other folder as it is (versions
+    registered before the pyfunc wrapper are bare folders)."""
+    if not (path / "MLmodel").is_file():
+        return path
+    import yaml
+
+    conf = yaml.safe_load((path / "MLmodel").read_text()) or {}
+    pyfunc = conf.get("flavors", {}).get("python_function", {})
+    # PythonModel flavour: {"artifacts": {"model": {"path": "artifacts/model", ...}}}
+    found = pyfunc.get("artifacts", {}).get("model", {}).get("path")
+    if not found or not (path / found).is_dir():
+        raise ValueError(
+            f"{path} is an MLflow model, but not one of brainmoe's (no model artifact)"
+        )
+    return path / found
 
 
 def model_version_info(uri: str, tracking_uri: str) -> dict[str, Any]:
