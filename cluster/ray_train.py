@@ -20,6 +20,7 @@ launcher (model, optimizer, scheduler, data position, RNG); submitting the same 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -79,6 +80,23 @@ def storage_path(cfg: Any) -> str:
     working directory, which differs between the job driver and the workers."""
     path = cfg.ray.storage_path or str(Path(cfg.train.run_dir) / "ray")
     return path if is_uri(path) else str(Path(path).resolve())
+
+
+def storage_filesystem(path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path within it) for `RunConfig(storage_path=...)`.
+
+    Ray's own pyarrow S3 client would resolve the endpoint, keys and region its own way, so a
+    bucket the shards reach (MinIO, Ceph, moto: AWS_ENDPOINT_URL, ~/.aws) could be one Ray
+    cannot. A URL is therefore handed to Ray as the very fsspec filesystem shards/storage.py
+    reads the shards through, wrapped for pyarrow; it pickles, so every worker gets it."""
+    if not is_uri(path):
+        return None, path
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from shards import storage
+
+    fs, inner = storage.filesystem(path)
+    return PyFileSystem(FSSpecHandler(fs)), inner
 
 
 def run_name(cfg: Any) -> str:
@@ -146,9 +164,13 @@ def connect(address: str | None, num_cpus: int) -> None:
 
 
 # ---- in the driver ------------------------------------------------------------------------
-def launch_ray(layer: str, cfg: Any, args: argparse.Namespace) -> int:
+def launch_ray(
+    layer: str, cfg: Any, args: argparse.Namespace, prepared: dict[str, Any] | None = None
+) -> int:
     """Run `layer`'s training loop on Ray Train workers; exit status as the DeepSpeed path's
-    (0 done, 3 diverged, 1 failed after max_failures restarts)."""
+    (0 done, 3 diverged, 1 failed after max_failures restarts). ``prepared``: what the
+    driver prepared once for every worker (finetuning: finetune/prepared.py's record), handed
+    to the trainer as it is -- the workers' nodes may not share the run folder."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -158,6 +180,7 @@ def launch_ray(layer: str, cfg: Any, args: argparse.Namespace) -> int:
     cpus = int(r.resources_per_worker.get("CPU", 1))
     connect(getattr(args, "ray_address", None), max(os.cpu_count() or 1, r.num_workers * cpus))
     storage, name = storage_path(cfg), run_name(cfg)
+    filesystem, fs_path = storage_filesystem(storage)
     env = {} if r.use_gpu else {"DS_ACCELERATOR": "cpu"}
     trainer = TorchTrainer(
         train_loop,
@@ -168,6 +191,7 @@ def launch_ray(layer: str, cfg: Any, args: argparse.Namespace) -> int:
             "storage": storage,
             "name": name,
             "env": env,
+            "prepared": prepared,
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
@@ -177,7 +201,8 @@ def launch_ray(layer: str, cfg: Any, args: argparse.Namespace) -> int:
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=fs_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
@@ -227,6 +252,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from shards.config import load_config
 
     config_cls, trainer_cls = _layer(config["layer"])
+    if config.get("prepared") is not None:
+        trainer_cls = functools.partial(trainer_cls, prepared=config["prepared"])
     cfg = load_config(config_cls, None, (), **config["config"])
     store = RayCheckpoints(config["storage"], config["name"], config["job_id"])
     try:

@@ -2,7 +2,8 @@
 
 `brainmoe finetune` does everything that can fail or is done once in this process -- the
 config, the split, the stimuli (a missing image stops here), the encoder, the heads' base
-models, and the CLIP embeddings (a Ray job, skipped when cached) -- then hands over to a
+models, and the CLIP embeddings (a Ray job, skipped when cached) -- writes the preparation
+into the run folder for the ranks to read (finetune/prepared.py), then hands over to a
 launcher in cluster/ (`deepspeed`, or Ray Train with `--launcher ray`), like `brainmoe pretrain`.
 """
 
@@ -63,7 +64,8 @@ def _embed(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from cluster.ray_train import config_overrides, launch_ray, world_size
     from finetune.config import FinetuneConfig
-    from finetune.prepare import ensure_clip, prepare, validate_finetune
+    from finetune.prepare import ensure_clip, validate_finetune
+    from finetune.prepared import load_prepared, prepare_run
     from pretrain.config import load_run_config
     from pretrain.tracking import check_tracking_store
 
@@ -73,12 +75,13 @@ def _finetune(args: argparse.Namespace) -> int:
     world = world_size(args, cfg, world)
     validate_finetune(cfg, world)  # the cheap checks, before prepare() reads anything
     check_tracking_store(cfg.tracking)  # before prepare() resolves models:/ URIs through it
+    record = prepare_run(cfg, world)  # once, into the run folder: the ranks read it
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = prepare(cfg, world, Path(tmp))
+        prepared = load_prepared(cfg, record, Path(tmp))
     print(prepared.split.summary(), flush=True)
     print(f"CLIP embeddings: {ensure_clip(cfg, prepared.stimuli, args.clip_workers)}", flush=True)
     if args.launcher == "ray":
-        return launch_ray("finetune", cfg, args)
+        return launch_ray("finetune", cfg, args, prepared=record)
     return launch(args, RUN_PY)
 
 

@@ -14,6 +14,9 @@ writes::
         stimuli.json           the StimulusSet embedded (images, concepts, captions)
         index.json             ids (row order), concepts, model, pretrained, fingerprint
 
+``out_dir`` may be a folder or an ``s3://`` URL (shards/storage.py): the cache then sits
+beside shards in object storage, where every node of a cluster reads it.
+
 index.json is written last and its fingerprint covers the model files, the image bytes, the
 captions and the concepts, so a re-run with the same inputs returns at once without starting
 Ray, and any change recomputes everything.
@@ -38,10 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
 from finetune.stimuli import StimulusSet, concept_prompt, stimuli_for
+from shards import storage
 
 CACHE_DIR = "clip"
 _VERSION = 1  # bump when what is written for the same inputs changes
@@ -104,8 +109,8 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as fp:
+def _file_digest(path: str | Path) -> str:
+    with storage.open_read(path) as fp:
         return hashlib.file_digest(fp, "blake2b").hexdigest()
 
 
@@ -137,7 +142,7 @@ def fingerprint(stimuli: StimulusSet, model: str, pretrained: str | None) -> str
     rows = []
     for sid in stimuli:
         s = stimuli[sid]
-        if s.image is None or not s.image.is_file():
+        if s.image is None or not storage.isfile(s.image):
             raise ValueError(
                 f"stimulus {sid!r} has no image file ({s.image}); CLIP image embeddings need one"
             )
@@ -169,7 +174,7 @@ class Embedder:
 
         pictures = []
         for p in paths:
-            with Image.open(p) as im:
+            with storage.open_read(p) as fh, Image.open(fh) as im:
                 pictures.append(im.convert("RGB"))
         return self.pictures(pictures)
 
@@ -263,18 +268,19 @@ def _embed_with_ray(
     return image, text, concepts
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    save_file({_KEY: torch.tensor(np.asarray(array, dtype=np.float32))}, str(path))
+def _save(path: str | Path, array: np.ndarray) -> None:
+    tensor = torch.tensor(np.asarray(array, dtype=np.float32))
+    storage.write_bytes(path, save_tensors({_KEY: tensor}))
 
 
-def cache_folder(out_dir: str | Path, cfg: ClipConfig) -> Path:
+def cache_folder(out_dir: str | Path, cfg: ClipConfig) -> str | Path:
     """Where embed_stimuli(..., cfg, out_dir) writes: what ClipCache.load takes."""
-    return Path(out_dir) / CACHE_DIR / model_key(*cfg.resolved())
+    return storage.join(out_dir, CACHE_DIR, model_key(*cfg.resolved()))
 
 
 def embed_stimuli(
     stimuli: StimulusSet, cfg: ClipConfig, out_dir: str | Path, workers: int = 1
-) -> Path:
+) -> str | Path:
     """Embed `stimuli` with cfg's CLIP into ``out_dir/clip/<model key>/``; returns that folder.
 
     A no-op when the folder already holds embeddings of the same inputs (see fingerprint).
@@ -286,21 +292,22 @@ def embed_stimuli(
     model, pretrained = cfg.resolved()
     folder = cache_folder(out_dir, cfg)
     fp = fingerprint(stimuli, model, pretrained)
-    index_path = folder / "index.json"
-    if index_path.is_file() and all((folder / f).is_file() for f in _FILES):
+    index_path = storage.join(folder, "index.json")
+    present = storage.list_sizes(folder)
+    if all(f in present for f in ("index.json", *_FILES)):
         try:
-            if json.loads(index_path.read_text()).get("fingerprint") == fp:
+            if storage.read_json(index_path).get("fingerprint") == fp:
                 return folder
         except json.JSONDecodeError:
             pass  # a damaged index: recompute
     image, text, concepts = _embed_with_ray(stimuli, model, pretrained, cfg, workers)
     assert image.shape == text.shape and image.shape[0] == len(stimuli), (image.shape, text.shape)
-    folder.mkdir(parents=True, exist_ok=True)
-    index_path.unlink(missing_ok=True)  # until the new index lands, the folder reads as stale
-    _save(folder / "image.safetensors", image)
-    _save(folder / "text.safetensors", text)
-    _save(folder / "concepts.safetensors", concepts)
-    stimuli.save(folder / "stimuli.json")
+    storage.makedirs(folder)
+    storage.remove(index_path)  # until the new index lands, the folder reads as stale
+    _save(storage.join(folder, "image.safetensors"), image)
+    _save(storage.join(folder, "text.safetensors"), text)
+    _save(storage.join(folder, "concepts.safetensors"), concepts)
+    stimuli.save(storage.join(folder, "stimuli.json"))
     index = {
         "ids": stimuli.ids,
         "stimulus_concepts": [stimuli[i].concept for i in stimuli],
@@ -312,9 +319,7 @@ def embed_stimuli(
         "config": asdict(cfg),
         "fingerprint": fp,
     }
-    tmp = index_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(index_path)
+    storage.write_text(index_path, json.dumps(index, indent=1) + "\n")  # atomic, and last
     return folder
 
 
@@ -324,7 +329,7 @@ def embed_stimuli(
 class ClipCache:
     """The embeddings of one cache folder, looked up by stimulus id."""
 
-    def __init__(self, folder: Path, index: dict, image, text, concepts):
+    def __init__(self, folder: str | Path, index: dict, image, text, concepts):
         self.folder = folder
         self.index = index
         self._row = {sid: n for n, sid in enumerate(index["ids"])}
@@ -332,15 +337,17 @@ class ClipCache:
 
     @classmethod
     def load(cls, folder: str | Path) -> ClipCache:
-        folder = Path(folder)
-        index_path = folder / "index.json"
-        if not index_path.is_file():
+        folder = folder if storage.is_uri(folder) else Path(folder)
+        index_path = storage.join(folder, "index.json")
+        if not storage.isfile(index_path):
             raise ValueError(
                 f"{folder} holds no CLIP cache (no index.json); run `brainmoe finetune "
                 "embed-stimuli` first, and pass the clip/<model key> folder it prints"
             )
-        index = json.loads(index_path.read_text())
-        tensors = [load_file(str(folder / f))[_KEY] for f in _FILES[:3]]
+        index = storage.read_json(index_path)
+        tensors = [
+            load_tensors(storage.read_bytes(storage.join(folder, f)))[_KEY] for f in _FILES[:3]
+        ]
         return cls(folder, index, *tensors)
 
     @property
@@ -400,16 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "<shards>/clip/<model key>/",
     )
     parser.add_argument(
-        "--shards", required=True, type=Path, help="where to write (beside the shards)"
+        "--shards", required=True, help="where to write (beside the shards): a folder or s3://..."
     )
-    parser.add_argument(
-        "--ids-from", type=Path, help="shards to read stimulus ids from (default: --shards)"
-    )
+    parser.add_argument("--ids-from", help="shards to read stimulus ids from (default: --shards)")
     parser.add_argument(
         "--image-root", type=Path, help="the dataset's image folder (real datasets)"
     )
     parser.add_argument(
-        "--captions", type=Path, help="captions .json {id: caption(s)} or .csv id,caption"
+        "--captions", help="captions .json {id: caption(s)} or .csv id,caption (path or URL)"
     )
     parser.add_argument(
         "--source-kind",
@@ -433,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.source_kind,
         image_root=args.image_root,
         captions=args.captions,
-        render_dir=args.shards / "stimuli" / "synthetic",
+        render_dir=storage.join(args.shards, "stimuli", "synthetic"),
     )
     cfg = ClipConfig(args.model, args.pretrained, args.batch_size, args.device)
     folder = embed_stimuli(stimuli, cfg, args.shards, workers=args.workers)

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from cluster.ray_train import RayConfig
 from finetune.clip_cache import ClipConfig
+from finetune.heads import registry
 from finetune.heads.image import ImageHeadConfig
 from finetune.heads.retrieval import RetrievalHeadConfig
 from finetune.heads.text import TextHeadConfig
@@ -32,7 +33,7 @@ from pretrain.ds_config import DistConfig, OptimConfig
 from pretrain.tracking import TrackingConfig
 from shards.reader import ReaderConfig
 
-TASKS = ("retrieval", "image", "text")
+TASKS = registry.TASKS  # each has a config section below, named as the task
 ENCODER_TRAINING = ("frozen", "lora", "top", "full")
 
 
@@ -119,6 +120,7 @@ class FinetuneConfig(RunPaths):
     encoder: EncoderSetup = field(default_factory=EncoderSetup)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     init_adapters: str | None = None  # start the heads from a finetune folder / models:/ URI
+    # one section per head of finetune/heads/registry.py, named as its task
     retrieval: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
     image: ImageHeadConfig = field(default_factory=ImageHeadConfig)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)

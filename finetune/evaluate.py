@@ -16,6 +16,7 @@ read the EEG ("Are EEG-to-Text models working?", Jo et al. 2024).
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,21 +64,64 @@ def encode_test(model, cfg, split, pairing, device, dtype, limit: int, noise_see
     return out
 
 
+@dataclass
+class EvalContext:
+    """What a head's scorer (finetune/heads/registry.py: ``HeadSpec.scores``) may read: the
+    held-out windows encoded once, and how to encode them again (the noise control)."""
+
+    model: Any
+    cfg: Any
+    prep: Any  # finetune.prepare.Prepared: the split and the stimuli
+    pairing: Any
+    device: torch.device
+    dtype: torch.dtype
+    encoded: list  # (batch, tokens, valid) over up to train.eval_windows held-out windows
+
+    def encode(self, limit: int, noise_seed: int | None = None) -> list:
+        return encode_test(
+            self.model,
+            self.cfg,
+            self.prep.split,
+            self.pairing,
+            self.device,
+            self.dtype,
+            limit,
+            noise_seed,
+        )
+
+
 @torch.no_grad()
 def evaluate(model, cfg, prep, pairing, device, dtype) -> dict[str, Any]:
-    encoded = encode_test(model, cfg, prep.split, pairing, device, dtype, cfg.train.eval_windows)
-    scores: dict[str, Any] = {"windows": sum(len(b["key"]) for b, _, _ in encoded)}
-    if "retrieval" in model.heads:
-        scores["retrieval"] = _retrieval(model.heads["retrieval"], encoded, pairing)
-    if "text" in model.heads:
-        noise = encode_test(
-            model, cfg, prep.split, pairing, device, dtype, CAPTION_WINDOWS, NOISE_SEED
-        )
-        prior = metrics.most_frequent(training_captions(cfg.data.shards, prep.split, prep.stimuli))
-        scores["text"] = captions(model.heads["text"], encoded, noise, prep.stimuli, prior)
-    if "image" in model.heads and cfg.train.eval_images > 0:
-        scores["image"] = _images(model.heads["image"], encoded, pairing, cfg, device)
+    """Every head's held-out scores, in the order of the run's tasks."""
+    from finetune.heads.registry import head_spec
+
+    context = EvalContext(model, cfg, prep, pairing, device, dtype, [])
+    context.encoded = context.encode(cfg.train.eval_windows)
+    scores: dict[str, Any] = {"windows": sum(len(b["key"]) for b, _, _ in context.encoded)}
+    for name, head in model.heads.items():
+        result = head_spec(name).score(head, context)
+        if result is not None:
+            scores[name] = result
     return scores
+
+
+def retrieval_scores(head, context: EvalContext) -> dict[str, Any]:
+    return _retrieval(head, context.encoded, context.pairing)
+
+
+def text_scores(head, context: EvalContext) -> dict[str, Any]:
+    noise = context.encode(CAPTION_WINDOWS, NOISE_SEED)
+    prep = context.prep
+    prior = metrics.most_frequent(
+        training_captions(context.cfg.data.shards, prep.split, prep.stimuli)
+    )
+    return captions(head, context.encoded, noise, prep.stimuli, prior)
+
+
+def image_scores(head, context: EvalContext) -> dict[str, Any] | None:
+    if context.cfg.train.eval_images <= 0:
+        return None  # generating images is the slow part: train.eval_images=0 skips it
+    return _images(head, context.encoded, context.pairing, context.cfg, context.device)
 
 
 def _retrieval(head, encoded, pairing) -> dict[str, Any]:

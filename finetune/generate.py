@@ -110,8 +110,7 @@ def load_finetuned(
 ) -> tuple[MultiTaskModel, dict[str, Any], Path]:
     """A finetune folder or models:/ URI -> (model in eval mode, its finetune.json, folder)."""
     from finetune.config import FinetuneConfig
-    from finetune.model import encoder_fingerprint
-    from finetune.trainer import build_model
+    from finetune.model import build_model, encoder_fingerprint
     from shards.config import load_config
 
     folder = resolve_model(uri, tracking_uri, workdir / "adapters")
@@ -135,7 +134,9 @@ def load_finetuned(
 
 
 def _config_values(config: dict[str, Any]) -> dict[str, Any]:
-    keep = ("encoder", "tasks", "retrieval", "image", "text", "weighting")
+    """What builds the model: the encoder setup, the tasks, their heads' sections, the
+    weighting (not the data, the run folder or the launcher)."""
+    keep = {"encoder", "tasks", "weighting", *config.get("tasks", [])}
     return {k: v for k, v in config.items() if k in keep}
 
 
@@ -171,23 +172,18 @@ def _decode(model, samples, out, num_images, steps, seed, stimuli) -> list[dict[
     for batch in batches(samples):
         enc = model.encoder(batch)
         keys = batch["key"]
-        captions = (
-            model.heads["text"].generate(enc.tokens, enc.valid)
-            if "text" in model.heads
-            else [None] * len(keys)
-        )
-        images = (
-            model.heads["image"].generate(
-                enc.tokens, enc.valid, num_images=num_images, steps=steps, seed=seed
+        decoded: dict[str, list] = {}  # each head's outputs per window ({} for retrieval)
+        for head in model.heads.values():
+            decoded.update(
+                head.decode(enc.tokens, enc.valid, num_images=num_images, steps=steps, seed=seed)
             )
-            if "image" in model.heads
-            else []
-        )
+        captions = decoded.get("caption", [None] * len(keys))
+        images = decoded.get("images", [[] for _ in keys])
         for b, key in enumerate(keys):
             folder = out / _safe(key)
             folder.mkdir(exist_ok=True)
             paths = []
-            for j, image in enumerate(images[b * num_images : (b + 1) * num_images]):
+            for j, image in enumerate(images[b]):
                 path = folder / f"image_{j:02d}.png"
                 image.save(path)
                 paths.append(str(path.relative_to(out)))

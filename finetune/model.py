@@ -16,14 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from finetune.heads.registry import head_spec
 from pretrain.artifacts import load_safetensors, verify_checksums, write_checksums
 from pretrain.encoder import Encoder
+
+if TYPE_CHECKING:
+    from finetune.config import FinetuneConfig
 
 ENCODER_LORA_TARGETS = ["qkv", "out"]  # pretrain.encoder.Attention's projections
 MULTITASK_FILE = "multitask.safetensors"  # encoder adapters/blocks + the task weighting (gate)
@@ -61,6 +65,32 @@ def adapt_encoder(encoder: Encoder, mode: str, top_blocks: int = 1, rank: int = 
     raise ValueError(f"encoder.train must be frozen, lora, top or full; got {mode!r}")
 
 
+def build_heads(cfg: FinetuneConfig, encoder_dim: int, clip_dim: int) -> dict[str, nn.Module]:
+    """One head per configured task, each from its config section (finetune/heads/registry.py)."""
+    return {
+        task: head_spec(task).build(getattr(cfg, task), encoder_dim, clip_dim) for task in cfg.tasks
+    }
+
+
+def build_model(cfg: FinetuneConfig, encoder_dir: str | Path, clip_dim: int) -> MultiTaskModel:
+    """The finetuning model as configured, on the exported encoder in `encoder_dir`: what the
+    trainer trains and `brainmoe generate` reloads adapters into.
+
+    ``dist.activation_checkpointing`` recomputes the encoder blocks' activations in the
+    backward pass (when the encoder trains: lora, top, full); the image head's UNet has its
+    own switch, ``image.gradient_checkpointing``.
+    """
+    from finetune.multitask import TaskWeighting
+
+    checkpointing = bool(cfg.dist.activation_checkpointing)
+    encoder = Encoder.from_pretrained(encoder_dir, activation_checkpointing=checkpointing)
+    e = cfg.encoder
+    encoder = adapt_encoder(encoder, e.train, e.top_blocks, e.lora_rank, e.lora_alpha)
+    heads = build_heads(cfg, encoder.config.dim, clip_dim)
+    weighting = TaskWeighting(cfg.weighting, list(heads), encoder.config.dim)
+    return MultiTaskModel(encoder, heads, weighting)
+
+
 class MultiTaskModel(nn.Module):
     """``forward(batch)`` -> {"loss", "losses": {task: scalar}, "weights": {task: float}}."""
 
@@ -82,8 +112,7 @@ class MultiTaskModel(nn.Module):
         losses: dict[str, Tensor] = {}
         extra: dict[str, Tensor] = {}
         for name, head in self.heads.items():
-            kwargs = {"generator": generator} if name == "image" else {}
-            out = head(tokens, valid, batch, **kwargs)
+            out = head(tokens, valid, batch, generator=generator)
             losses[name] = out["loss"]
             extra.update({f"{name}/{k}": v for k, v in out.items() if k != "loss"})
         pooled = Encoder.pool(enc)  # [B, D]
@@ -91,6 +120,16 @@ class MultiTaskModel(nn.Module):
         if self.encoder_trainable():
             total = total + enc.aux_loss
         return {"loss": total, "losses": losses, "weights": weights, "extra": extra, "enc": enc}
+
+    @torch.no_grad()
+    def reference_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Deterministic outputs of every trained part on `batch` (call in eval mode): what a
+        reload of the saved adapters must reproduce."""
+        enc = self.encoder(batch)
+        out = {"tokens": enc.tokens.float().cpu()}
+        for name, head in self.heads.items():
+            out[name] = head.reference(enc.tokens, enc.valid, batch).float().cpu()
+        return out
 
     # ---- what is saved -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ resume), and no image is decoded or encoded during training.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from finetune.stimuli import StimulusSet
+from shards import storage
 
 
 def pick_caption(captions: list[str], key: str) -> str:
@@ -32,10 +33,14 @@ def pick_caption(captions: list[str], key: str) -> str:
 class Pairing:
     """Adds the stimulus side to a reader batch (see finetune/heads/__init__.py for the fields).
 
-    ``clip``: a ClipCache (image/text embeddings by id); ``latents``: {id: [4, h, w]} or None."""
+    ``clip``: a ClipCache (image/text embeddings by id); ``fields``: what the heads
+    precomputed per stimulus (``head.stimulus_tensors``), {batch field: {id: tensor}}, e.g.
+    the image head's {"latents": {id: [4, h, w]}}."""
 
-    def __init__(self, stimuli: StimulusSet, clip: Any, latents: dict[str, Tensor] | None = None):
-        self.stimuli, self.clip, self.latents = stimuli, clip, latents
+    def __init__(
+        self, stimuli: StimulusSet, clip: Any, fields: dict[str, dict[str, Tensor]] | None = None
+    ):
+        self.stimuli, self.clip, self.fields = stimuli, clip, dict(fields or {})
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         ids = [str(s) for s in batch["stimulus_id"]]
@@ -50,17 +55,17 @@ class Pairing:
             for i, k in zip(ids, batch["key"], strict=True)
         ]
         out["concept"] = [self.stimuli[i].concept for i in ids]
-        if self.latents is not None:
-            out["latents"] = torch.stack([self.latents[i] for i in ids])  # [B, 4, h, w]
+        for name, table in self.fields.items():
+            out[name] = torch.stack([table[i] for i in ids])  # e.g. latents [B, 4, h, w]
         return out
 
 
 def load_pixels(path: str | Path, size: int) -> Tensor:
-    """An image file -> `[3, size, size]` in [-1, 1] (what the VAE encodes)."""
+    """An image file or URL -> `[3, size, size]` in [-1, 1] (what the VAE encodes)."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as img:
+    with storage.open_read(path) as fh, Image.open(fh) as img:
         img = img.convert("RGB").resize((size, size), Image.BICUBIC)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -72,9 +77,9 @@ def latent_cache(
 ) -> dict[str, Tensor]:
     """VAE latents of every stimulus image, computed once into ``folder/latents-<key>.pt``
     (key names the VAE and image size) and reused by later runs and every rank."""
-    path = Path(folder) / f"latents-{key}.pt"
-    if path.exists():
-        cached = torch.load(path, weights_only=True)
+    path = storage.join(folder, f"latents-{key}.pt")  # beside the shards: a folder or s3://
+    if storage.exists(path):
+        cached = torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=True)
         if set(cached) >= set(stimuli.ids):
             return cached
     ids = [i for i in stimuli.ids if stimuli[i].image is not None]
@@ -84,11 +89,11 @@ def latent_cache(
         pixels = torch.stack([load_pixels(stimuli[i].image, size) for i in chunk])
         latents = encode(pixels).float().cpu()  # [b, 4, h, w]
         out.update(zip(chunk, latents, strict=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(folder)
     # every rank that found no cache computes the same latents: each writes its own temp file
     # (a shared name let one rank's rename pull the file from under the other's) and the
-    # atomic rename makes the last writer's identical copy the cache
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(out, tmp)
-    tmp.replace(path)
+    # atomic rename (one PUT in object storage) makes the last writer's identical copy the cache
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    storage.write_bytes(path, buf.getvalue())
     return out

@@ -1,7 +1,8 @@
 """Everything a finetuning run checks and precomputes before any rank trains.
 
-Runs in the launching process (`brainmoe finetune`, so a mistake costs seconds, not a
-DeepSpeed launch) and again on every rank (cheap then: the caches exist). In order:
+Runs once, in the launching process (`brainmoe finetune`, so a mistake costs seconds, not a
+DeepSpeed launch), which writes the result into the run folder for the ranks to read
+(finetune/prepared.py); the ranks repeat only the cheap config checks. In order:
 the run config; the paired windows in the shards and the leak-free split; the stimulus set
 (synthetic stimuli rendered, real images found, captions attached -- a missing image stops
 here); the encoder (resolved, fingerprinted); the heads' base models (found, and compatible
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import ENCODER_TRAINING, TASKS, FinetuneConfig
+from finetune.heads.registry import head_spec
 from finetune.splits import Split, index_shards, make_split
 from finetune.stimuli import StimulusSet, load_captions, stimuli_for
 from pretrain.config import validate_run
 from pretrain.tracking import resolve_model
+from shards import storage
 
 
 @dataclass
@@ -29,19 +32,19 @@ class Prepared:
     encoder_dir: Path
     encoder_fingerprint: str
     encoder_uri: str
-    clip_dir: Path | None  # None until embed_clip ran
 
 
-def data_root(cfg: FinetuneConfig) -> Path:
+def data_root(cfg: FinetuneConfig) -> storage.Target:
     """Stimulus renders, CLIP embeddings and VAE latents live beside the (first) shards."""
-    return Path(cfg.data.shards[0])
+    root = cfg.data.shards[0]
+    return root if storage.is_uri(root) else Path(root)  # Path() would mangle s3://
 
 
 def clip_folder(cfg: FinetuneConfig) -> Path:
     from finetune.clip_cache import CACHE_DIR, model_key
 
     model, pretrained = cfg.data.clip.resolved()
-    return data_root(cfg) / CACHE_DIR / model_key(model, pretrained)
+    return storage.join(data_root(cfg), CACHE_DIR, model_key(model, pretrained))
 
 
 def ensure_clip(cfg: FinetuneConfig, stimuli: StimulusSet, workers: int = 1) -> Path:
@@ -97,7 +100,7 @@ def build_stimuli(cfg: FinetuneConfig, ids: list[str]) -> StimulusSet:
         ids,
         image_root=stim.image_root,
         captions=captions,
-        render_dir=data_root(cfg) / "stimuli" / "synthetic",
+        render_dir=storage.join(data_root(cfg), "stimuli", "synthetic"),
     )
 
 
@@ -113,7 +116,7 @@ def prepare(cfg: FinetuneConfig, world_size: int | None, workdir: Path) -> Prepa
     fingerprint = encoder_fingerprint(encoder_dir)
     if cfg.init_adapters:
         check_adapter(cfg, cfg.init_adapters, fingerprint, workdir / "init")
-    return Prepared(split, stimuli, encoder_dir, fingerprint, cfg.encoder.model, None)
+    return Prepared(split, stimuli, encoder_dir, fingerprint, cfg.encoder.model)
 
 
 def check_adapter(cfg: FinetuneConfig, uri: str, fingerprint: str, dst: Path) -> Path:
@@ -137,26 +140,14 @@ def check_adapter(cfg: FinetuneConfig, uri: str, fingerprint: str, dst: Path) ->
 
 
 def check_base_widths(cfg: FinetuneConfig, folder: Path) -> None:
-    """A saved head only fits a base model of the width it was trained against: compare the
-    adapters' recorded widths with the configured bases' config files (no weights loaded)."""
-    if "image" in cfg.tasks and (folder / "image").is_dir():
-        from finetune.heads.image import read_adapter_meta, read_base_config
-
-        saved = read_adapter_meta(folder / "image")["context_dim"]
-        unet, _, _ = read_base_config(cfg.image)
-        if int(unet["cross_attention_dim"]) != int(saved):
-            raise ValueError(
-                f"init_adapters: the image adapter was built for context width {saved}, but "
-                f"image.base={cfg.image.base} has cross-attention width "
-                f"{unet['cross_attention_dim']}; use the base it was trained on"
-            )
-    if "text" in cfg.tasks and (folder / "text" / "text_head.json").is_file():
-        from transformers import AutoConfig
-
-        saved = json.loads((folder / "text" / "text_head.json").read_text())["lm_hidden"]
-        lm = AutoConfig.from_pretrained(cfg.text.base, local_files_only=cfg.text.local_files_only)
-        if int(lm.hidden_size) != int(saved):
-            raise ValueError(
-                f"init_adapters: the text adapter was built for an LM of width {saved}, but "
-                f"text.base={cfg.text.base} has hidden size {lm.hidden_size}"
-            )
+    """A saved head only fits a base model of the width it was trained against: each head
+    compares its adapter's recorded widths with its configured base's config files (no
+    weights loaded)."""
+    for task in cfg.tasks:
+        if not (folder / task).is_dir():
+            continue  # refused when the adapters load: the run's model has that head
+        spec = head_spec(task)
+        try:
+            spec.head_class.check_saved(getattr(cfg, task), folder / task)
+        except ValueError as err:
+            raise ValueError(f"init_adapters: {err}") from None

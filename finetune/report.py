@@ -103,13 +103,12 @@ def image_rows(scores: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def table_rows(
     probe: dict[str, Any] | None, scores: dict[str, Any]
 ) -> list[tuple[str, str, str, str]]:
+    from finetune.heads.registry import HEADS
+
     rows = probe_rows(probe) if probe else []
-    if "retrieval" in scores:
-        rows += retrieval_rows(scores["retrieval"])
-    if "text" in scores:
-        rows += text_rows(scores["text"])
-    if "image" in scores:
-        rows += image_rows(scores["image"])
+    for name, section in scores.items():  # eval.json's order: the run's tasks
+        if name in HEADS:
+            rows += HEADS[name].report_rows(section)
     return rows
 
 
@@ -146,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     scores = _load(args.eval, "eval")
     rows = table_rows(probe, scores)
     if not rows:
-        raise ValueError(f"{args.eval} holds no retrieval, text or image scores to report")
+        from finetune.heads.registry import HEADS
+
+        raise ValueError(f"{args.eval} holds no scores of a head ({', '.join(HEADS)}) to report")
     print(format_table(rows))
     return 0
 

@@ -4,8 +4,9 @@
         data.shards=[/shared/things-eeg2] encoder.model=models:/brainmoe@current
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 finetune/run.py --config configs/finetune/tiny.yaml
 
-Or `brainmoe finetune --num-gpus N ...`, which checks everything and computes the CLIP
-embeddings (a Ray job) before launching.
+Or `brainmoe finetune --num-gpus N ...`, which checks everything, prepares the run folder
+(split, stimuli, encoder: finetune/prepared.py) and computes the CLIP embeddings (a Ray job)
+before launching; started by hand, rank 0 prepares the run folder while the others wait.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shards import storage
 from shards.reader import list_shards
 
 SPLIT_BY = ("stimulus", "concept")
@@ -51,11 +52,12 @@ class IndexRow:
 
 
 def index_shards(folders: list[str] | str) -> list[IndexRow]:
-    """Every window of the shards that has a stimulus, from the JSON members only."""
+    """Every window of the shards that has a stimulus, from the JSON members only (local or
+    s3:// shards alike: a seekable stream, so the EEG members are skipped, not parsed)."""
     shards = list_shards(folders)
     rows = []
     for url in tqdm(shards.urls, desc="indexing shards", unit="shard", leave=False):
-        with tarfile.open(url) as tar:
+        with storage.open_read(url) as fh, tarfile.open(fileobj=fh) as tar:
             for member in tar:
                 if not member.name.endswith(".json"):
                     continue

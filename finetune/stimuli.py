@@ -9,7 +9,9 @@ and words behind it. The id's form says which dataset it came from (shards/sourc
     aardvark_01b.jpg                     THINGS-EEG2 built with it (the image's file name)
     n02951358_31190                      ImageNet-EEG (wnid _ image number)
 
-Real images are looked up in a folder the user downloaded, and every id is resolved before
+Synthetic renders may live beside shards in object storage (an ``s3://`` image is then a
+URL string, read through shards/storage.py). Real images are looked up in a local folder
+the user downloaded, and every id is resolved before
 any embedding or training starts, so a missing file fails in seconds with the ids and the
 folder named rather than hours into a run.
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from shards import storage
 
 SOURCE_KINDS = ("synthetic", "things-eeg2", "imagenet-eeg")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
@@ -51,12 +55,12 @@ def _article(word: str) -> str:
 @dataclass
 class Stimulus:
     id: str
-    image: Path | None
+    image: Path | str | None  # a local file, or a URL string (Path would mangle s3://)
     concept: str
     captions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.image is not None:
+        if self.image is not None and not storage.is_uri(self.image):
             self.image = Path(self.image)
         self.captions = [str(c) for c in self.captions] or [concept_prompt(self.concept)]
 
@@ -123,17 +127,17 @@ class StimulusSet(Mapping[str, Stimulus]):
             ]
         }
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+    def save(self, path: str | Path) -> str | Path:
+        path = path if storage.is_uri(path) else Path(path)
+        if not storage.is_uri(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        storage.write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> StimulusSet:
-        path = Path(path)
         try:
-            entries = json.loads(path.read_text())["stimuli"]
+            entries = storage.read_json(path)["stimuli"]
             return cls(Stimulus(e["id"], e["image"], e["concept"], e["captions"]) for e in entries)
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(
@@ -147,12 +151,12 @@ class StimulusSet(Mapping[str, Stimulus]):
 def load_captions(path: str | Path) -> dict[str, list[str]]:
     """Captions by stimulus id from JSON ``{id: caption | [captions]}`` or CSV ``id,caption``
     (several rows per id allowed)."""
-    path = Path(path)
-    if not path.is_file():
+    suffix = Path(str(path)).suffix.lower()
+    if not storage.isfile(path):
         raise ValueError(f"captions file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = storage.read_bytes(path).decode("utf-8")
     out: dict[str, list[str]] = {}
-    if path.suffix.lower() == ".json":
+    if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -170,7 +174,7 @@ def load_captions(path: str | Path) -> dict[str, list[str]]:
                     "string or a list of strings"
                 )
             out[str(key)] = [v.strip() for v in values if v.strip()]
-    elif path.suffix.lower() == ".csv":
+    elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"id", "caption"} <= set(reader.fieldnames):
             raise ValueError(
@@ -338,24 +342,28 @@ def _png_bytes(image: Image.Image) -> bytes:
 def render_synthetic(
     ids: Iterable[str], out_dir: str | Path, size: int = 64, seed: int = 0
 ) -> StimulusSet:
-    """Write one PNG per synthetic id to `out_dir` and return the stimuli with captions.
+    """Write one PNG per synthetic id to `out_dir` (a folder or an s3:// URL) and return the
+    stimuli with captions.
 
     Same ids, size and seed give byte-identical files; a file that already holds those bytes
     is not rewritten, so its modification time (and anything keyed on it) stays put.
     """
     if size < 16:
         raise ValueError(f"size={size} is too small to draw a recognisable shape; use >= 16")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(out_dir):
+        out_dir = Path(out_dir).resolve()
+    storage.makedirs(out_dir)
+    present = storage.list_sizes(out_dir)  # one listing, not a request per image
     stimuli = []
     for stimulus_id in sorted(set(ids)):
         k, i = parse_synthetic_id(stimulus_id)
-        path = out_dir / f"c{k:02d}_i{i:02d}.png"
+        name = f"c{k:02d}_i{i:02d}.png"
+        path = storage.join(out_dir, name)
         data = _png_bytes(render_synthetic_image(k, i, size=size, seed=seed))
-        if not path.is_file() or path.read_bytes() != data:
-            path.write_bytes(data)
+        if present.get(name) != len(data) or storage.read_bytes(path) != data:
+            storage.write_bytes(path, data)
         concept = synthetic_appearance(k, i)["concept"]
-        stimuli.append(Stimulus(stimulus_id, path.resolve(), concept, synthetic_captions(k, i)))
+        stimuli.append(Stimulus(stimulus_id, path, concept, synthetic_captions(k, i)))
     return StimulusSet(stimuli)
 
 

@@ -4,6 +4,7 @@ multi-task model, held-out evaluation, and saving/registering only what was trai
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -14,53 +15,48 @@ import torch.distributed as dist
 
 from finetune.clip_cache import ClipCache
 from finetune.config import FinetuneConfig
-from finetune.model import MultiTaskModel, adapt_encoder
-from finetune.pairs import Pairing, latent_cache
-from finetune.prepare import clip_folder, data_root, prepare
+from finetune.model import MultiTaskModel, build_model
+from finetune.pairs import Pairing
+from finetune.prepare import clip_folder, data_root, validate_finetune
+from finetune.prepared import load_prepared, prepare_run
 from finetune.splits import KeySelect
-from pretrain.encoder import Encoder
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer, log
 from shards.reader import ReaderConfig, collate_eeg, make_loader
 
 
-def build_heads(cfg: FinetuneConfig, encoder_dim: int, clip_dim: int) -> dict[str, torch.nn.Module]:
-    heads: dict[str, torch.nn.Module] = {}
-    for task in cfg.tasks:
-        if task == "retrieval":
-            from finetune.heads.retrieval import RetrievalHead
-
-            heads[task] = RetrievalHead(cfg.retrieval, encoder_dim, clip_dim)
-        elif task == "image":
-            from finetune.heads.image import ImageHead
-
-            heads[task] = ImageHead(cfg.image, encoder_dim, clip_dim)
-        elif task == "text":
-            from finetune.heads.text import TextHead
-
-            heads[task] = TextHead(cfg.text, encoder_dim)
-    return heads
-
-
-def build_model(cfg: FinetuneConfig, encoder_dir: Path, clip_dim: int) -> MultiTaskModel:
-    from finetune.multitask import TaskWeighting
-
-    encoder = Encoder.from_pretrained(encoder_dir)
-    e = cfg.encoder
-    encoder = adapt_encoder(encoder, e.train, e.top_blocks, e.lora_rank, e.lora_alpha)
-    heads = build_heads(cfg, encoder.config.dim, clip_dim)
-    weighting = TaskWeighting(cfg.weighting, list(heads), encoder.config.dim)
-    return MultiTaskModel(encoder, heads, weighting)
-
-
 class FinetuneTrainer(Trainer):
+    """``prepared``: the run's preparation record (finetune/prepared.py), given by a launcher
+    whose ranks may not share the run folder (Ray Train); otherwise rank 0 reads it there."""
+
     cfg: FinetuneConfig
 
+    def __init__(self, cfg: FinetuneConfig, checkpoints=None, prepared: dict | None = None):
+        self._record = prepared
+        super().__init__(cfg, checkpoints)
+
     def validate(self, world: int) -> None:
+        validate_finetune(self.cfg, world)
+        record = self._record if self._record is not None else self._shared_record(world)
         self._tmp = tempfile.TemporaryDirectory(prefix="brainmoe-finetune-")
-        self.prep = prepare(self.cfg, world, Path(self._tmp.name))
-        folder = clip_folder(self.cfg)
-        self.clip = ClipCache.load(folder)
+        self.prep = load_prepared(self.cfg, record, Path(self._tmp.name))
+        self.clip = ClipCache.load(clip_folder(self.cfg))
+
+    def _shared_record(self, world: int) -> dict:
+        """Rank 0 reads the launcher's record from the run folder -- or, started without the
+        launcher, prepares it -- and broadcasts it (or its ValueError) to every rank."""
+        message: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                message = [prepare_run(self.cfg, world, reuse_matching=True)]
+            except ValueError as err:
+                message = [err]
+        nccl = dist.get_backend() == "nccl"  # its objects travel on this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if nccl else None
+        dist.broadcast_object_list(message, src=0, device=device)
+        if isinstance(message[0], ValueError):
+            raise message[0]
+        return message[0]
 
     def build_model(self) -> torch.nn.Module:
         model = build_model(self.cfg, self.prep.encoder_dir, self.clip.dim)
@@ -74,17 +70,10 @@ class FinetuneTrainer(Trainer):
                 Path(self._tmp.name) / "init",
             )
             model.load_adapters(folder)
-        latents = None
-        if "image" in model.heads:
-            head = model.heads["image"]
-            latents = latent_cache(
-                self.prep.stimuli,
-                head.encode_latents,
-                head.image_size,
-                data_root(self.cfg) / "latents",
-                head.latent_key(),
-            )
-        self.pairing = Pairing(self.prep.stimuli, self.clip, latents)
+        fields: dict[str, dict[str, torch.Tensor]] = {}
+        for head in model.heads.values():  # precomputed per stimulus, e.g. VAE latents
+            fields.update(head.stimulus_tensors(self.prep.stimuli, data_root(self.cfg)))
+        self.pairing = Pairing(self.prep.stimuli, self.clip, fields)
         if self.rank == 0:
             self.prep.split.save(self.run_dir / "split.json")
             self.prep.stimuli.save(self.run_dir / "stimuli.json")
@@ -192,25 +181,8 @@ class FinetuneTrainer(Trainer):
             self.pairing(collate_eeg(windows_from_shards(self.cfg.data.shards, keys)))
         )
         torch.save(
-            {"keys": keys, **reference_outputs(model, batch)}, self.run_dir / "reference_output.pt"
+            {"keys": keys, **model.reference_outputs(batch)}, self.run_dir / "reference_output.pt"
         )
-
-
-@torch.no_grad()
-def reference_outputs(model: MultiTaskModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Deterministic outputs of every trained part on `batch` (eval mode)."""
-    enc = model.encoder(batch)
-    out = {"tokens": enc.tokens.float().cpu()}
-    for name, head in model.heads.items():
-        if name == "retrieval":
-            out[name] = head.embed(enc.tokens, enc.valid).float().cpu()
-        elif name == "image":
-            out[name] = head.context(enc.tokens, enc.valid).float().cpu()
-        elif name == "text":
-            ids, mask, _ = head.teacher_forcing_inputs(enc.tokens, enc.valid, batch["captions"])
-            logits = head.lm(inputs_embeds=ids, attention_mask=mask).logits
-            out[name] = logits.float().cpu()
-    return out
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

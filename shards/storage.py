@@ -140,6 +140,25 @@ def write_text(target: Target, text: str) -> None:
     fs.pipe_file(path, text.encode("utf-8"))
 
 
+def write_bytes(target: Target, data: bytes) -> None:
+    """Atomic, as write_text; concurrent writers of one local file each use their own temp
+    file, so one's rename never pulls the file from under another (ranks writing a cache)."""
+    if not is_uri(target):
+        path = Path(target)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(target)
+    fs.pipe_file(path, data)
+
+
+def makedirs(folder: Target) -> None:
+    """A local folder and its parents; nothing for URLs (object stores have no folders)."""
+    if not is_uri(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
 def put(local: Target, target: Target) -> None:
     """Upload one finished local file to `target` (a local copy when `target` is a path)."""
     if not is_uri(target):

@@ -148,11 +148,20 @@ def test_all_three_losses_fall(finetuned):
         assert last < first, f"{task} loss did not fall: {first:.4f} -> {last:.4f}"
 
 
+def test_the_launcher_prepared_the_run_once_into_its_folder(finetuned):
+    record = json.loads((finetuned / "prepared" / "prepared.json").read_text())
+    assert record["split"] == json.loads((finetuned / "split.json").read_text())
+    assert record["encoder"]["uri"] == "models:/tiny-encoder@current"
+    encoder = Path(record["encoder"]["folder"])
+    assert (
+        encoder.is_relative_to(finetuned / "prepared") and (encoder / "model.safetensors").is_file()
+    )
+
+
 def test_adapters_are_small_and_reload_to_identical_outputs(finetuned, world):
     from finetune.generate import load_finetuned
     from finetune.inputs import windows_from_shards
     from finetune.pairs import Pairing
-    from finetune.trainer import reference_outputs
     from shards.reader import collate_eeg
 
     adapters = finetuned / "adapters"
@@ -168,7 +177,7 @@ def test_adapters_are_small_and_reload_to_identical_outputs(finetuned, world):
         clip = ClipCache.load(next((world["shards"] / "clip").iterdir()))
         pairing = Pairing(StimulusSet.load(adapters / "stimuli.json"), clip)
         batch = pairing(collate_eeg(windows_from_shards([str(world["shards"])], reference["keys"])))
-        again = reference_outputs(model, batch)
+        again = model.reference_outputs(batch)
     for name in ("tokens", "retrieval", "image", "text"):
         diff = (again[name] - reference[name]).abs().max().item()
         assert diff < 1e-5, f"{name}: reloaded adapters differ from the engine's model by {diff}"

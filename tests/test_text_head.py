@@ -3,6 +3,8 @@ that it learns two captions, and that adapters round-trip and refuse the wrong b
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig
@@ -92,11 +94,9 @@ def test_teacher_forcing_supervises_only_the_caption(tiny_lm):
     assert mask[0].tolist() == [1] * (context + 3) + [0, 0]  # padding is not attended
     long = tok("a red apple on", add_special_tokens=False)["input_ids"]
     assert labels[1, context:].tolist() == long + [eos] and mask[1].all()
-    # Several captions per stimulus: training rotates through them, eval takes the first.
-    picked = head._pick_captions([["x y", "z"], "w"], 2)
-    assert picked[0] in ("x y", "z") and picked[1] == "w"
-    head.eval()
-    assert head._pick_captions([["x y", "z"], "w"], 2) == ["x y", "w"]
+    # one caption per window: the Pairing picked it (by window key) before the head
+    with pytest.raises(ValueError, match="one per window"):
+        head(tokens, valid, {"captions": [["x y", "z"], "w"]})
     with pytest.raises(ValueError, match="captions"):
         head(tokens, valid, {"captions": ["only one"]})
 
@@ -137,6 +137,16 @@ def test_adapter_for_another_hidden_size_is_refused(trained, tmp_path):
     other = _head(other_lm)
     with pytest.raises(ValueError, match="hidden size 48"):
         other.load_adapter(tmp_path / "adapter48")
+
+
+def test_an_adapter_of_the_old_projector_format_is_refused(trained, tiny_lm, tmp_path):
+    head, _ = trained
+    folder = head.save_adapter(tmp_path / "old")
+    meta = json.loads((folder / "text_head.json").read_text())
+    del meta["format"]  # what the single-attention projector's adapters held
+    (folder / "text_head.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="text head format 1.*finetune the text head again"):
+        _head(tiny_lm).load_adapter(folder)
 
 
 def test_bad_bases_fail_before_loading(tmp_path):

@@ -266,6 +266,10 @@ class ImageHead(nn.Module):
         )
         self.train()
 
+    @classmethod
+    def from_config(cls, config: ImageHeadConfig, encoder_dim: int, clip_dim: int) -> ImageHead:
+        return cls(config, encoder_dim, clip_dim)
+
     # ---- structure -----------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> ImageHead:
@@ -395,7 +399,47 @@ class ImageHead(nn.Module):
         loss = diffusion_loss + self.config.clip_weight * clip_loss
         return {"loss": loss, "diffusion_loss": diffusion_loss, "clip_loss": clip_loss}
 
+    @torch.no_grad()
+    def reference(self, tokens: Tensor, valid: Tensor | None, batch: dict) -> Tensor:
+        return self.context(tokens, valid)  # [B, S, Dctx]: what the UNet is conditioned on
+
+    def stimulus_tensors(self, stimuli, cache_root: str | Path) -> dict[str, dict[str, Tensor]]:
+        """The VAE latents of every stimulus image, computed once beside the shards (named by
+        this VAE and image size), so training never runs the VAE encoder."""
+        from finetune.pairs import latent_cache
+        from shards import storage
+
+        folder = storage.join(cache_root, "latents")  # a folder, or s3:// beside the shards
+        cache = latent_cache(
+            stimuli, self.encode_latents, self.image_size, folder, self.latent_key()
+        )
+        return {"latents": cache}
+
+    @staticmethod
+    def check_saved(config: ImageHeadConfig, folder: str | Path) -> None:
+        """A saved image adapter fits only a UNet of the context width it was trained for."""
+        saved = read_adapter_meta(folder)["context_dim"]
+        unet, _, _ = read_base_config(config)
+        if int(unet["cross_attention_dim"]) != int(saved):
+            raise ValueError(
+                f"the image adapter was built for context width {saved}, but "
+                f"image.base={config.base} has cross-attention width "
+                f"{unet['cross_attention_dim']}; use the base it was trained on"
+            )
+
     # ---- generation ----------------------------------------------------------------------
+
+    def decode(
+        self,
+        tokens: Tensor,
+        valid: Tensor | None,
+        num_images: int = 1,
+        steps: int | None = None,
+        seed: int = 0,
+    ) -> dict[str, list]:
+        """What `brainmoe generate` writes: ``num_images`` images per window."""
+        images = self.generate(tokens, valid, num_images=num_images, steps=steps, seed=seed)
+        return {"images": [images[b : b + num_images] for b in range(0, len(images), num_images)]}
 
     @torch.no_grad()
     def generate(

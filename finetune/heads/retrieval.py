@@ -96,8 +96,7 @@ class RetrievalHead(nn.Module):
         pooled_dim = encoder_dim
         self.resampler = None
         if config.pooling == "attention":
-            heads = next(h for h in (8, 4, 2, 1) if encoder_dim % h == 0)
-            self.resampler = TokenResampler(encoder_dim, encoder_dim, config.queries, 1, heads)
+            self.resampler = TokenResampler(encoder_dim, encoder_dim, config.queries, depth=1)
             pooled_dim = config.queries * encoder_dim
         self.projector = nn.Sequential(
             nn.BatchNorm1d(pooled_dim),  # standardise each feature over the batch (see above)
@@ -136,7 +135,19 @@ class RetrievalHead(nn.Module):
             )
         return F.normalize(target, dim=-1)
 
-    def forward(self, tokens: Tensor, valid: Tensor | None, batch: dict) -> dict[str, Tensor]:
+    @classmethod
+    def from_config(
+        cls, config: RetrievalHeadConfig, encoder_dim: int, clip_dim: int
+    ) -> RetrievalHead:
+        return cls(config, encoder_dim, clip_dim)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        valid: Tensor | None,
+        batch: dict,
+        generator: torch.Generator | None = None,  # the contrastive loss draws nothing random
+    ) -> dict[str, Tensor]:
         b = tokens.shape[0]
         eeg = self.embed(tokens, valid).float()  # [B, Dc]
         scale = self.logit_scale()
@@ -162,6 +173,22 @@ class RetrievalHead(nn.Module):
             out["retrieval_text_loss"] = text_loss.detach()
         out.update(loss=loss, logit_scale=scale.detach(), batch_top1=top1.detach())
         return out
+
+    @torch.no_grad()
+    def reference(self, tokens: Tensor, valid: Tensor | None, batch: dict) -> Tensor:
+        return self.embed(tokens, valid)  # [B, Dc]
+
+    def decode(self, tokens: Tensor, valid: Tensor | None, **_: object) -> dict[str, list]:
+        return {}  # an embedding to rank against stimuli, nothing `generate` writes
+
+    def stimulus_tensors(self, stimuli, cache_root) -> dict[str, dict[str, Tensor]]:
+        return {}  # the CLIP embeddings come from the CLIP cache
+
+    @staticmethod
+    def check_saved(config: RetrievalHeadConfig, folder: str | Path) -> None:
+        """No frozen base to mismatch; the widths are checked when the adapter loads."""
+        if not (Path(folder) / CONFIG_FILE).is_file():
+            raise ValueError(f"{folder} is not a retrieval head adapter (no {CONFIG_FILE})")
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items()}

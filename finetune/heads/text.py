@@ -9,22 +9,24 @@ Sequence the LM sees, teacher-forced during training:
     [bos] [prefix_1 .. prefix_k] [prompt tokens] [caption tokens] [eos] [pad ...]
     labels: -100 everywhere except the caption tokens and eos
 
-Projector design: k learned queries attend over the encoder's valid tokens (one cross-attention
-layer, a small Perceiver resampler / Q-Former), plus the mean-pooled tokens as a residual, then
-an MLP to the LM width. Cross-attention rather than a pooled MLP because a caption names several
-things (object, colour, scene) that different channels and patches carry: k queries can each
-read a different part of the token grid. The output is layer-normed and scaled to the RMS of
-the LM's own word embeddings, so the frozen LM receives inputs at the magnitude it was trained
-on from the first step.
+Projector design: k learned queries attend over the encoder's valid tokens (one block of the
+resampler every head shares, finetune/heads/resampler.py: a small Perceiver resampler /
+Q-Former), plus the mean-pooled tokens as a residual, then an MLP to the LM width.
+Cross-attention rather than a pooled MLP because a caption names several things (object,
+colour, scene) that different channels and patches carry: k queries can each read a
+different part of the token grid. The output is layer-normed and scaled to the RMS of the
+LM's own word embeddings, so the frozen LM receives inputs at the magnitude it was trained on
+from the first step.
 
 The mean-pooled tokens are standardised per feature over the batch (BatchNorm, as in the
-retrieval head) before they reach the queries and the MLP. Pooled encoder tokens are nearly
-the same vector for every window (pairwise cosine 0.998 on the synthetic corpus, the
-window-specific part ~4% of the norm), and a per-sample LayerNorm keeps that common part: the
-prefix then hardly changes with the EEG (cosine 0.999 between windows), the LM learns the
-caption prior first, and greedy decoding writes one caption for every held-out window (400
-steps on 4 strong synthetic classes: one caption, the right shape named in 16/64 windows;
-standardised: 5 captions, the right shape in 33/64).
+retrieval head; the resampler's ``pooled=True``) before they reach the queries and the
+output. Pooled encoder tokens are nearly the same vector for every window (pairwise cosine
+0.998 on the synthetic corpus, the window-specific part ~4% of the norm), and a per-sample
+LayerNorm keeps that common part: the prefix then hardly changes with the EEG (cosine 0.999
+between windows), the LM learns the caption prior first, and greedy decoding writes one
+caption for every held-out window (400 steps on 4 strong synthetic classes, measured with
+the single-attention projector this head had before the shared resampler: one caption, the
+right shape named in 16/64 windows; standardised: 5 captions, the right shape in 33/64).
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ from transformers import (
     AutoTokenizer,
 )
 
+from finetune.heads.resampler import TokenResampler
 from pretrain.artifacts import load_safetensors, read_json, verify_checksums, write_checksums
-from pretrain.encoder import Encoder
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE = "text_head.json"
+FORMAT = 2  # of the saved adapter; 2: the projector is finetune/heads/resampler.py's
 PROJECTOR_FILE = "projector.safetensors"
 LORA_DIR = "lora"
 LORA_FILES = (f"{LORA_DIR}/adapter_model.safetensors", f"{LORA_DIR}/adapter_config.json")
@@ -105,41 +108,6 @@ def _check_base(base: str, local_files_only: bool) -> tuple[str, Any]:
     return source, config
 
 
-class PrefixProjector(nn.Module):
-    """EEG tokens [B, N, D] + valid [B, N] -> k prefix embeddings [B, k, H_lm]."""
-
-    def __init__(self, encoder_dim: int, lm_hidden: int, prefix_tokens: int, embed_rms: float):
-        super().__init__()
-        heads = next(h for h in (8, 4, 2, 1) if encoder_dim % h == 0)
-        self.queries = nn.Parameter(torch.randn(prefix_tokens, encoder_dim) * 0.02)
-        self.standardise = nn.BatchNorm1d(encoder_dim)  # pooled: what differs between windows
-        self.norm_kv = nn.LayerNorm(encoder_dim)
-        self.attn = nn.MultiheadAttention(encoder_dim, heads, batch_first=True)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(encoder_dim),
-            nn.Linear(encoder_dim, lm_hidden),
-            nn.GELU(),
-            nn.Linear(lm_hidden, lm_hidden),
-        )
-        self.out_norm = nn.LayerNorm(lm_hidden)
-        self.register_buffer("embed_rms", torch.tensor(float(embed_rms)))
-
-    def forward(self, tokens: Tensor, valid: Tensor | None) -> Tensor:
-        b, d = tokens.shape[0], tokens.shape[-1]
-        tokens = tokens.reshape(b, -1, d)  # [B, C, P, D] -> [B, N, D]
-        if valid is None:
-            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        valid = valid.reshape(b, -1)
-        # A row with no valid token would softmax over nothing (NaN): let it read everything.
-        keep = valid | ~valid.any(1, keepdim=True)
-        pooled = self.standardise(Encoder.pool(tokens, valid))  # [B, D]
-        kv = self.norm_kv(tokens)
-        q = self.queries.unsqueeze(0).expand(b, -1, -1) + pooled.unsqueeze(1)  # [B, k, D]
-        attended, _ = self.attn(q, kv, kv, key_padding_mask=~keep, need_weights=False)
-        x = self.mlp(attended + pooled.unsqueeze(1))  # [B, k, H]
-        return self.out_norm(x) * self.embed_rms
-
-
 class TextHead(nn.Module):
     """Frozen causal LM + LoRA, conditioned on EEG through k prefix embeddings."""
 
@@ -183,8 +151,23 @@ class TextHead(nn.Module):
         self.lm = get_peft_model(lm, lora)
         self.lm_hidden = int(lm_config.hidden_size)
         embed = self.lm.get_input_embeddings().weight
-        self.projector = PrefixProjector(
-            encoder_dim, self.lm_hidden, config.prefix_tokens, embed.float().pow(2).mean().sqrt()
+        # EEG tokens [B, N, D] -> k prefix vectors [B, k, D] -> the LM width [B, k, H]
+        self.projector = nn.ModuleDict(
+            {
+                "resampler": TokenResampler(
+                    encoder_dim, encoder_dim, config.prefix_tokens, depth=1, pooled=True
+                ),
+                "to_lm": nn.Sequential(
+                    nn.Linear(encoder_dim, self.lm_hidden),
+                    nn.GELU(),
+                    nn.Linear(self.lm_hidden, self.lm_hidden),
+                    nn.LayerNorm(self.lm_hidden),
+                ),
+            }
+        )
+        # the prefix arrives at the RMS of the LM's own word embeddings (module docstring)
+        self.register_buffer(
+            "embed_rms", embed.detach().float().pow(2).mean().sqrt(), persistent=False
         )
         self.pad_id = (
             self.tokenizer.pad_token_id
@@ -195,7 +178,6 @@ class TextHead(nn.Module):
         prompt = self.tokenizer(config.prompt, add_special_tokens=False)["input_ids"]
         self.register_buffer("bos_ids", torch.tensor(bos, dtype=torch.long), persistent=False)
         self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
-        self._step = 0  # picks among several captions per stimulus, one per training step
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -205,29 +187,27 @@ class TextHead(nn.Module):
     def _context(self, tokens: Tensor, valid: Tensor | None) -> Tensor:
         """[bos] [prefix] [prompt] embeddings: [B, S0, H] in the LM's dtype."""
         b = tokens.shape[0]
-        prefix = self.projector(tokens, valid)  # [B, k, H]
+        prefix = self.projector["to_lm"](self.projector["resampler"](tokens, valid))  # [B, k, H]
+        prefix = prefix * self.embed_rms
         dtype = self.lm.get_input_embeddings().weight.dtype
         bos = self._embed(self.bos_ids).unsqueeze(0).expand(b, -1, -1)
         prompt = self._embed(self.prompt_ids).unsqueeze(0).expand(b, -1, -1)
         return torch.cat([bos, prefix.to(dtype), prompt], dim=1)
 
-    def _pick_captions(self, captions: Any, b: int) -> list[str]:
-        if not isinstance(captions, (list, tuple)) or len(captions) != b:
+    @staticmethod
+    def _check_captions(captions: Any, b: int) -> list[str]:
+        """One caption per window: the Pairing picked it (finetune/pairs.py, by window key)."""
+        if (
+            not isinstance(captions, (list, tuple))
+            or len(captions) != b
+            or not all(isinstance(c, str) for c in captions)
+        ):
             raise ValueError(
-                f"batch['captions'] must be a list of {b} strings (or lists of strings), "
+                f"batch['captions'] must be a list of {b} strings (one per window), "
                 f"got {type(captions).__name__}"
                 + (f" of length {len(captions)}" if isinstance(captions, (list, tuple)) else "")
             )
-        picked = []
-        for i, item in enumerate(captions):
-            if isinstance(item, str):
-                picked.append(item)
-            elif isinstance(item, (list, tuple)) and item and all(isinstance(c, str) for c in item):
-                # Several captions per stimulus: rotate through them across training steps.
-                picked.append(item[(self._step + i) % len(item)] if self.training else item[0])
-            else:
-                raise ValueError(f"batch['captions'][{i}] must be a string or a list of strings")
-        return picked
+        return list(captions)
 
     def teacher_forcing_inputs(
         self, tokens: Tensor, valid: Tensor | None, captions: list[str]
@@ -259,12 +239,20 @@ class TextHead(nn.Module):
 
     # ---- head contract ------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, valid: Tensor | None, batch: dict) -> dict[str, Tensor]:
+    @classmethod
+    def from_config(cls, config: TextHeadConfig, encoder_dim: int, clip_dim: int) -> TextHead:
+        return cls(config, encoder_dim)  # the captions are the target: no CLIP width needed
+
+    def forward(
+        self,
+        tokens: Tensor,
+        valid: Tensor | None,
+        batch: dict,
+        generator: torch.Generator | None = None,  # teacher forcing draws nothing random
+    ) -> dict[str, Tensor]:
         if "captions" not in batch:
             raise ValueError("the text head needs batch['captions'] (list[str]) to train")
-        captions = self._pick_captions(batch["captions"], tokens.shape[0])
-        if self.training:
-            self._step += 1
+        captions = self._check_captions(batch["captions"], tokens.shape[0])
         inputs, mask, labels = self.teacher_forcing_inputs(tokens, valid, captions)
         out = self.lm(inputs_embeds=inputs, attention_mask=mask, labels=labels)
         loss = out.loss.float()
@@ -300,6 +288,36 @@ class TextHead(nn.Module):
         # With inputs_embeds only, decoder-only generate returns just the new tokens.
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
+    @torch.no_grad()
+    def reference(self, tokens: Tensor, valid: Tensor | None, batch: dict) -> Tensor:
+        """The LM's teacher-forced logits [B, S, V] on the batch's captions."""
+        captions = self._check_captions(batch["captions"], tokens.shape[0])
+        inputs, mask, _ = self.teacher_forcing_inputs(tokens, valid, captions)
+        return self.lm(inputs_embeds=inputs, attention_mask=mask).logits
+
+    def decode(
+        self, tokens: Tensor, valid: Tensor | None, num_images: int = 1, steps=None, seed: int = 0
+    ) -> dict[str, list]:
+        """What `brainmoe generate` writes: one greedy caption per window."""
+        return {"caption": self.generate(tokens, valid)}
+
+    def stimulus_tensors(self, stimuli, cache_root) -> dict[str, dict[str, Tensor]]:
+        return {}  # the captions come with the stimulus set
+
+    @staticmethod
+    def check_saved(config: TextHeadConfig, folder: str | Path) -> None:
+        """A saved text adapter fits only an LM of the width it was trained against."""
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"{folder} is not a text head adapter (no {CONFIG_FILE})")
+        saved = read_json(path, REMEDY)["lm_hidden"]
+        _, lm = _check_base(config.base, config.local_files_only)
+        if int(lm.hidden_size) != int(saved):
+            raise ValueError(
+                f"the text adapter was built for an LM of width {saved}, but "
+                f"text.base={config.base} has hidden size {lm.hidden_size}"
+            )
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()})
@@ -316,6 +334,7 @@ class TextHead(nn.Module):
         self.lm.save_pretrained(str(folder / LORA_DIR))
         meta = {
             "head": "text",
+            "format": FORMAT,
             "config": dataclasses.asdict(self.config),
             "encoder_dim": self.encoder_dim,
             "lm_hidden": self.lm_hidden,
@@ -330,6 +349,12 @@ class TextHead(nn.Module):
         if not (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} is not a text head adapter (no {CONFIG_FILE})")
         meta = read_json(folder / CONFIG_FILE, REMEDY)
+        if meta.get("format", 1) != FORMAT:
+            raise ValueError(
+                f"adapter in {folder} has the text head format {meta.get('format', 1)}, this "
+                f"brainmoe reads format {FORMAT} (the projector became the shared resampler in "
+                "format 2); finetune the text head again"
+            )
         saved = meta["config"]
         if meta["lm_hidden"] != self.lm_hidden:
             raise ValueError(
