@@ -100,13 +100,24 @@ def baseline_pipelines() -> dict[str, Any]:
     }
 
 
-def encoder_pipeline(features, c: float = 0.5):
-    """Frozen features -> standardised -> logistic regression (the probe's classifier)."""
-    from sklearn.linear_model import LogisticRegression
+def encoder_pipeline(features, c: float | None = 0.5):
+    """Frozen features -> standardised -> logistic regression (the probe's classifier).
+
+    ``c=None`` picks the regularisation inside each training fold (5-fold inner
+    cross-validation over a log grid, MOABB's metric): thousands of pooled features against
+    a few hundred trials make a fixed C favour whichever encoder has the lower effective
+    rank, so a comparison of encoders should not hang on one C."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(features, StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+    if c is None:
+        clf = LogisticRegressionCV(
+            Cs=np.logspace(-4, 1, 11), cv=5, scoring="roc_auc", max_iter=3000
+        )
+    else:
+        clf = LogisticRegression(C=c, max_iter=3000)
+    return make_pipeline(features, StandardScaler(), clf)
 
 
 def _spread(values: np.ndarray) -> dict[str, float]:
@@ -165,7 +176,7 @@ def evaluate(
     layer: int | None = None,
     random_seeds: int = 3,
     seed: int = 0,
-    c: float = 0.5,
+    c: float | None = 0.5,
     batch_size: int = 32,
     device: str = "auto",
     tracking_uri: str | None = None,
@@ -189,8 +200,8 @@ def evaluate(
         raise ValueError(f"--random-seeds must be at least 1, got {random_seeds}")
     if evaluation == "cross-subject" and len(subjects) < 2:
         raise ValueError("cross-subject evaluation needs at least 2 subjects")
-    if c <= 0:
-        raise ValueError(f"--C must be positive, got {c}")
+    if c is not None and c <= 0:
+        raise ValueError(f"--C must be positive or 'auto', got {c}")
     data = make_dataset(dataset, subjects)
     task = make_paradigm(paradigm, fmin, fmax)
     if not task.is_valid(data):
@@ -240,6 +251,7 @@ def evaluate(
         "layer": layer_index,
         "depth": len(encoder.blocks),
         "pooling": pooling,
+        "C": "auto" if c is None else c,
         "random_seeds": [seed + k for k in range(random_seeds)],
         **summarise(scores, random_names),
     }
@@ -252,7 +264,7 @@ def format_result(result: dict[str, Any]) -> str:
         f"({', '.join(f'{lo}-{hi}' for lo, hi in result['bands'])} Hz), "
         f"metric {result['metric']}",
         f"  brainmoe: {result['model']}, layer {result['layer']} of 0..{result['depth'] - 1}, "
-        f"{result['pooling']} pooling; random-init: mean of seeds {result['random_seeds']}",
+        f"{result['pooling']} pooling, LR C={result.get('C', 0.5)}; random-init: mean of seeds {result['random_seeds']}",
     ]
     for name, row in result["pipelines"].items():
         lines.append(f"  {name:<16} {row['score']:.3f} +- {row['std']:.3f}")
@@ -262,6 +274,17 @@ def format_result(result: dict[str, Any]) -> str:
         f"({d['n_positive']}/{d['n_folds']} folds above)"
     )
     return "\n".join(lines)
+
+
+def _c_value(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--C takes a positive number or 'auto', got {text!r}"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -281,7 +304,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--random-seeds", type=int, default=3, help="random-init twins (mean)")
     parser.add_argument("--seed", type=int, default=0, help="folds and first twin's seed")
-    parser.add_argument("--C", dest="c", type=float, default=0.5, help="LR inverse regularisation")
+    parser.add_argument(
+        "--C",
+        dest="c",
+        type=_c_value,
+        default=0.5,
+        help="LR inverse regularisation, or 'auto': chosen by inner 5-fold CV in each fold",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--json", help="write the result here")

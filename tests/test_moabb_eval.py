@@ -146,6 +146,13 @@ def test_bad_inputs_are_clear_errors(tiny_model):
         moabb_eval.evaluate(tiny_model, dataset="NoSuchDataset")
     with pytest.raises(ValueError, match="--fmin < --fmax"):
         moabb_eval.evaluate(tiny_model, fmin=30, fmax=8)
+    with pytest.raises(ValueError, match="positive or 'auto'"):
+        moabb_eval.evaluate(tiny_model, c=-1.0)
+    parser = argparse.ArgumentParser()
+    moabb_eval.add_arguments(parser)
+    assert parser.parse_args(["--model", "m", "--C", "auto"]).c is None
+    with pytest.raises(SystemExit):  # argparse's own error message names --C
+        parser.parse_args(["--model", "m", "--C", "strong"])
 
 
 def test_local_fist_runs_reach_subjects_4_and_5(physionet):
@@ -170,7 +177,7 @@ def test_run_cross_subject_writes_every_field(tiny_model, physionet, tmp_path, c
     out = tmp_path / "moabb.json"
     args = parser.parse_args(
         ["--model", tiny_model, "--subjects", "1,2", "--layer", "0", "--random-seeds", "2"]
-        + ["--json", str(out)]
+        + ["--C", "auto", "--json", str(out)]
     )
     assert moabb_eval.run(args) == 0
     assert "layer 0 of 0..1" in capsys.readouterr().out
@@ -182,6 +189,7 @@ def test_run_cross_subject_writes_every_field(tiny_model, physionet, tmp_path, c
     assert result["paradigm"] == "LeftRightImagery" and result["bands"] == [[8, 32]]
     assert result["subjects"] == [1, 2] and result["model"] == tiny_model
     assert (result["layer"], result["depth"], result["pooling"]) == (0, 2, "regions")
+    assert result["C"] == "auto"  # chosen by inner CV in each fold
     assert result["random_seeds"] == [0, 1]
     pipes = result["pipelines"]
     assert set(pipes) == {"brainmoe", "brainmoe-random", "CSP+LDA", "TS+LR"}
