@@ -111,7 +111,7 @@ def test_run_artifacts_in_mlflow(zero2):
     client = MlflowClient(tracking_uri=lineage["tracking_uri"])
     run = client.get_run(lineage["mlflow_run_id"])
     assert run.data.params["dist.zero_stage"] == "2"
-    assert run.data.params["msm.encoder_input"] == "visible"  # configs/pretrain/tiny.yaml
+    assert run.data.params["msm.target"] == "both"
     assert run.data.metrics["loss"] > 0 and "expert_load_max_min" in run.data.metrics
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"loss.png", "expert_load.png", "reconstructions.png"} <= plots, plots
