@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from cluster.deepspeed_launch import add_launch_arguments, check_launch_arguments, launch
+from finetune import embed_stimuli
 
 RUN_PY = Path(__file__).resolve().with_name("run.py")
 
@@ -22,10 +23,10 @@ def add_parsers(subparsers) -> None:
     emb = subparsers.add_parser(
         "embed-stimuli",
         help="CLIP image/text embeddings of the shards' stimuli, once (a Ray job)",
-        add_help=False,
+        description=embed_stimuli.DESCRIPTION,
     )
-    emb.add_argument("args", nargs=argparse.REMAINDER)
-    emb.set_defaults(func=_embed)
+    embed_stimuli.add_arguments(emb)
+    emb.set_defaults(func=embed_stimuli.run)
 
     fin = subparsers.add_parser(
         "finetune",
@@ -53,12 +54,6 @@ def add_parsers(subparsers) -> None:
     gen.add_argument("--max-windows", type=int, default=4, help="windows of --eeg to decode")
     gen.add_argument("--tracking-uri", help="MLflow store of models:/ URIs (or env)")
     gen.set_defaults(func=_generate)
-
-
-def _embed(args: argparse.Namespace) -> int:
-    from finetune.clip_cache import main
-
-    return main(args.args)
 
 
 def _finetune(args: argparse.Namespace) -> int:

@@ -21,14 +21,13 @@ index.json is written last and its fingerprint covers the model files, the image
 captions and the concepts, so a re-run with the same inputs returns at once without starting
 Ray, and any change recomputes everything.
 
-CLI: ``python -m finetune.clip_cache --shards DIR [--image-root ...]`` (``brainmoe finetune
-embed-stimuli``); inside ``ray job submit`` (RAY_ADDRESS set) it joins that cluster, else it
+CLI: ``brainmoe embed-stimuli --shards DIR [--image-root ...]`` (finetune/embed_stimuli.py);
+inside ``ray job submit`` (RAY_ADDRESS set) it joins that cluster, else it
 starts a private local one on 127.0.0.1 without dashboard and stops it when done.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -45,7 +44,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
-from finetune.stimuli import StimulusSet, concept_prompt, stimuli_for
+from finetune.stimuli import StimulusSet, concept_prompt
 from shards import storage
 
 CACHE_DIR = "clip"
@@ -398,53 +397,3 @@ def stimulus_ids_from_shards(shards: str | Path) -> list[str]:
             "stimulus dataset (synthetic, things-eeg2, imagenet-eeg)"
         )
     return sorted(ids)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="brainmoe finetune embed-stimuli",
-        description="Embed the shards' stimuli with CLIP once (a Ray job); writes "
-        "<shards>/clip/<model key>/",
-    )
-    parser.add_argument(
-        "--shards", required=True, help="where to write (beside the shards): a folder or s3://..."
-    )
-    parser.add_argument("--ids-from", help="shards to read stimulus ids from (default: --shards)")
-    parser.add_argument(
-        "--image-root", type=Path, help="the dataset's image folder (real datasets)"
-    )
-    parser.add_argument(
-        "--captions", help="captions .json {id: caption(s)} or .csv id,caption (path or URL)"
-    )
-    parser.add_argument(
-        "--source-kind",
-        choices=("synthetic", "things-eeg2", "imagenet-eeg"),
-        help="default: read off the ids",
-    )
-    parser.add_argument(
-        "--model", default=ClipConfig.model, help="open_clip architecture or local model folder"
-    )
-    parser.add_argument(
-        "--pretrained", default=ClipConfig.pretrained, help="pretrained tag or checkpoint file"
-    )
-    parser.add_argument("--device", default=ClipConfig.device)
-    parser.add_argument("--batch-size", type=int, default=ClipConfig.batch_size)
-    parser.add_argument("--workers", type=int, default=1, help="Ray actors, one model each")
-    args = parser.parse_args(argv)
-
-    ids = stimulus_ids_from_shards(args.ids_from or args.shards)
-    stimuli = stimuli_for(
-        ids,
-        args.source_kind,
-        image_root=args.image_root,
-        captions=args.captions,
-        render_dir=storage.join(args.shards, "stimuli", "synthetic"),
-    )
-    cfg = ClipConfig(args.model, args.pretrained, args.batch_size, args.device)
-    folder = embed_stimuli(stimuli, cfg, args.shards, workers=args.workers)
-    print(folder)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,8 @@ import ray
 import torch
 from PIL import Image
 
-from finetune.clip_cache import ClipCache, ClipConfig, cache_folder, main
+from cluster.cli import main as brainmoe
+from finetune.clip_cache import ClipCache, ClipConfig, cache_folder
 from finetune.stimuli import StimulusSet, concept_prompt
 from finetune.tiny.clip import build_tiny_clip
 from shards.build import BuildConfig, build
@@ -21,14 +22,16 @@ SPEC = "synthetic?subjects=1&runs=1&duration_s=40&classes=2&instances=3&artifact
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """Shards of 6 synthetic stimuli, embedded once by the CLI (Ray, one worker, 3 chunks)."""
+    """Shards of 6 synthetic stimuli, embedded once by `brainmoe embed-stimuli` (Ray, one
+    worker, 3 chunks)."""
     root = tmp_path_factory.mktemp("clip_cache")
     shards = root / "shards"
     build(BuildConfig(sources=[SPEC], out=str(shards), workers=0))
     model = build_tiny_clip(root / "tiny_clip")
     assert not ray.is_initialized()
-    args = ["--shards", str(shards), "--model", model, "--workers", "1", "--batch-size", "4"]
-    assert main(args) == 0
+    flags = ["--model", model, "--workers", "1", "--batch-size", "4"]
+    args = ["embed-stimuli", "--shards", str(shards), *flags]
+    assert brainmoe(args) == 0
     assert not ray.is_initialized(), "the job must shut down the Ray it started"
     folders = list((shards / "clip").iterdir())
     assert folders == [cache_folder(shards, ClipConfig(model=model))], folders
@@ -87,7 +90,7 @@ def test_rerun_is_a_no_op_and_changed_captions_recompute(embedded, tmp_path):
     shards, _, args, folder = embedded
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
     start = time.perf_counter()
-    assert main(args) == 0
+    assert brainmoe(args) == 0
     seconds = time.perf_counter() - start
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
     assert after == before, "a re-run with the same inputs rewrote files"
@@ -96,7 +99,7 @@ def test_rerun_is_a_no_op_and_changed_captions_recompute(embedded, tmp_path):
     old = ClipCache.load(folder)
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({"synthetic:c00:i00": "a photo of a tomato"}))
-    assert main([*args, "--captions", str(captions)]) == 0
+    assert brainmoe([*args, "--captions", str(captions)]) == 0
     new = ClipCache.load(folder)
     assert new.index["fingerprint"] != old.index["fingerprint"]
     ids = new.ids

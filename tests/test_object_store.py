@@ -287,23 +287,22 @@ def test_embed_stimuli_on_s3_writes_the_local_cache(stim):
     """embed-stimuli with --shards s3://... renders the stimuli into the bucket, reads them
     from there (in the Ray actors too), and writes the same cache bytes as a local run.
 
-    Its CLI entry (`python -m finetune.clip_cache`, what `brainmoe embed-stimuli` hands its
-    arguments to) runs in this process on one Ray both calls share (a Ray start is the
-    expensive part); the actors get the bucket's variables from the environment, as a
-    user's would. (`brainmoe embed-stimuli --shards ...` itself is refused by argparse,
-    whose REMAINDER takes no leading option: a finetune/cli.py bug reported with issue 13.)"""
+    `brainmoe embed-stimuli` runs in this process on one Ray both calls share (a Ray start is
+    the expensive part); the actors get the bucket's variables from the environment, as a
+    user's would."""
     import ray
     import torch
 
+    from cluster.cli import main as brainmoe
     from cluster.local_ray import init_local_ray
-    from finetune.clip_cache import ClipCache, main
+    from finetune.clip_cache import ClipCache
     from finetune.stimuli import StimulusSet
 
     flags = ["--model", stim["clip"], "--workers", "1", "--batch-size", "4"]
     init_local_ray(num_cpus=1)
     try:
-        assert main(["--shards", str(stim["local"]), *flags]) == 0
-        assert main(["--shards", STIM, *flags]) == 0
+        assert brainmoe(["embed-stimuli", "--shards", str(stim["local"]), *flags]) == 0
+        assert brainmoe(["embed-stimuli", "--shards", STIM, *flags]) == 0
     finally:
         ray.shutdown()
     (local,) = (stim["local"] / "clip").iterdir()
@@ -327,7 +326,7 @@ def test_embed_stimuli_on_s3_writes_the_local_cache(stim):
 
     # Up to date: a second run answers from the bucket without Ray (the index is untouched).
     before = fs.info(f"{remote.removeprefix('s3://')}/index.json")["LastModified"]
-    assert main(["--shards", STIM, *flags]) == 0
+    assert brainmoe(["embed-stimuli", "--shards", STIM, *flags]) == 0
     assert not ray.is_initialized()
     assert _s3fs().info(f"{remote.removeprefix('s3://')}/index.json")["LastModified"] == before
 
