@@ -164,7 +164,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     import transformers  # noqa: F401
 
     from finetune.config import FinetuneConfig
-    from finetune.trainer import build_model
+    from finetune.model import build_model
     from shards.channels import standard_positions
     from shards.config import load_config
 

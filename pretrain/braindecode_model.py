@@ -53,8 +53,8 @@ REGISTRY_PREFIXES = ("models:/", "runs:/")
 
 
 def resolve_encoder(source: str | Path, tracking_uri: str | None = None) -> Path | str:
-    """An encoder folder, or the config name of a random init; a ``models:/``/``runs:/`` URI
-    is downloaded (MLflow is imported only then)."""
+    """An encoder folder, or the config name of a random init; a Hub repo id or a
+    ``models:/``/``runs:/`` URI is downloaded (MLflow is imported only then)."""
     text = str(source)
     if Path(text).is_dir():
         return Path(text)
@@ -64,9 +64,14 @@ def resolve_encoder(source: str | Path, tracking_uri: str | None = None) -> Path
         return resolve_model(text, tracking_uri, tempfile.mkdtemp(prefix="brainmoe-model-"))
     if text in CONFIGS:
         return text
+    from pretrain import hub
+
+    if "/" in text and not hub.is_local(text):  # a Hub repo id (org/name), or a clear error
+        return hub.resolve(text)
     raise ValueError(
         f"encoder={text!r} is neither an encoder folder (save_pretrained / brainmoe export), "
-        f"a registry URI (models:/<name>@<alias>), nor a config name {list(CONFIGS)}"
+        f"a registry URI (models:/<name>@<alias>), a Hub repo id (org/name), nor a config "
+        f"name {list(CONFIGS)}"
     )
 
 

@@ -8,7 +8,6 @@ URI (a shared server, Databricks...) is one config key away.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import warnings
@@ -296,15 +295,16 @@ def register_folder(
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
-    """A local folder for `models:/name@alias`, `models:/name/3`, `runs:/...`, or a path.
+    """A local folder for `models:/name@alias`, `models:/name/3`, `runs:/...`, a path, or a
+    Hugging Face Hub repo id (`org/name`, through the Hub cache: pretrain/hub.py), so every
+    command that takes a model takes all four.
 
     For a pyfunc model (an MLmodel file at the top) that is the saved folder in its
     artifacts (``artifacts/model``), not the MLflow wrapper around it."""
     if "://" not in uri and not uri.startswith("models:/") and not uri.startswith("runs:/"):
-        path = Path(uri)
-        if not path.exists():
-            raise ValueError(f"model {uri!r}: no such folder (or give models:/<name>@<alias>)")
-        return _inner_folder(path)
+        from pretrain.hub import resolve
+
+        return _inner_folder(resolve(uri))
     import mlflow
 
     if tracking_uri:
@@ -348,10 +348,6 @@ def model_version_info(uri: str, tracking_uri: str) -> dict[str, Any]:
         name, version = body.rsplit("/", 1)
         mv = client.get_model_version(name, version)
     return {"name": mv.name, "version": mv.version, "tags": dict(mv.tags), "source": mv.source}
-
-
-def dump(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, default=str)
 
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

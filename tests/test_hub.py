@@ -107,6 +107,10 @@ with torch.no_grad():
     got = model(batch)
 torch.save({"tokens": got.tokens, "valid": got.valid, "state": model.state_dict()}, out + "/got.pt")
 result["missing"] = error(lambda: Encoder.from_pretrained(repo + "-missing"))
+# every command that takes a model takes a repo id: they all resolve through these two
+from pretrain.braindecode_model import resolve_encoder
+from pretrain.tracking import resolve_model
+result["resolved"] = [str(resolve_model(repo)), str(resolve_encoder(repo))]
 result["push"] = error(lambda: model.push_to_hub(repo))
 result["push_token"] = error(lambda: model.push_to_hub(repo, token="hf_not_a_real_token"))
 # `brainmoe export --push-to-hub` checks the push before it reads the checkpoint
@@ -144,6 +148,8 @@ def test_repo_id_loads_from_the_hub_cache_offline(hub_cache, tmp_path):
     cache, model, expected = hub_cache
     result = run_script(tmp_path, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
     assert_same_model(tmp_path, model, expected)
+    snapshot = cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT
+    assert result["resolved"] == [str(snapshot)] * 2
     assert f"'{REPO_ID}-missing' is not a local folder" in result["missing"]
     assert "not in the Hub cache" in result["missing"] and "hf download" in result["missing"]
     assert "HF_HUB_OFFLINE is set" in result["push"]
