@@ -232,7 +232,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 def prepare(workdir: Path, args: argparse.Namespace) -> list[str]:
     """The encoder folder, and tiny random-weight SD and LM bases unless the overrides name
     real ones; -> the overrides pointing the config at what was built."""
-    from pretrain.encoder import Encoder, get_config
+    from pretrain.encoder import Encoder
+    from pretrain.encoder_config import get_config
 
     torch.manual_seed(0)
     Encoder(get_config(args.encoder, spectral_bands=16)).save_pretrained(workdir / "encoder")

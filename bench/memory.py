@@ -24,7 +24,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import (  # noqa: E402
 )
 
 from bench.results import write_section  # noqa: E402
-from pretrain.encoder import get_config  # noqa: E402
+from pretrain.encoder_config import get_config
 from pretrain.msm import MaskedSignalModel, MSMConfig  # noqa: E402
 
 SIZES = ("small", "base", "large")

@@ -36,7 +36,7 @@ import yaml  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
 from bench.timing import timed_steps  # noqa: E402
-from pretrain.encoder import EncoderConfig, dense_variant  # noqa: E402
+from pretrain.encoder_config import EncoderConfig, dense_variant
 from pretrain.moe import MoE, SwiGLU  # noqa: E402
 from pretrain.msm import MaskedSignalModel, MSMConfig  # noqa: E402
 

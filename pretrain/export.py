@@ -42,7 +42,8 @@ def export_checkpoint(
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pretrain.checkpoint import weights_only_loads
-    from pretrain.encoder import Encoder, EncoderConfig
+    from pretrain.encoder import Encoder
+    from pretrain.encoder_config import EncoderConfig
     from pretrain.model_card import load_evals, write_model_card
 
     results = load_evals(evals)  # a wrong file fails now, not after the consolidation

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from pretrain.config import validate_run
-from pretrain.encoder import CONFIGS, EncoderConfig, get_config
+from pretrain.encoder_config import CONFIGS, EncoderConfig, get_config
 from pretrain.msm import MaskedSignalModel, MSMConfig
 from shards.manifest import load_manifest
 

@@ -213,7 +213,8 @@ def build_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     from pretrain.artifacts import read_json
-    from pretrain.encoder import EncoderConfig, count_parameters
+    from pretrain.encoder import count_parameters
+    from pretrain.encoder_config import EncoderConfig
 
     folder = Path(folder)
     meta = read_json(folder / "config.json", "export the folder again (brainmoe export)")

@@ -45,16 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.encoder import (
-    HEAD_RADIUS_M,
-    Block,
-    Encoder,
-    EncoderConfig,
-    EncoderInput,
-    get_config,
-    spatial_slopes,
-    strict_from_dict,
-)
+from pretrain.encoder import HEAD_RADIUS_M, Block, Encoder, EncoderInput, spatial_slopes
+from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
 from pretrain.spectral import log_spectrum

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pretrain.braindecode_model import BrainmoeClassifier
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 
 NAMES = ["C3", "C4", "Cz", "Fp1", "O2"]
 

@@ -23,7 +23,8 @@ from finetune.heads.text import TextHead, TextHeadConfig
 from finetune.splits import SplitConfig, index_shards, make_split
 from finetune.stimuli import Stimulus, StimulusSet, stimuli_for, synthetic_captions
 from finetune.tiny.llm import build_tiny_llm
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from shards.build import BuildConfig, build
 from shards.config import load_config
 from tests.conftest import REPO

@@ -16,20 +16,9 @@ import math
 import pytest
 import torch
 
-from pretrain.encoder import (
-    CONFIGS,
-    UNKNOWN_CHANNEL,
-    ChannelVocab,
-    Encoder,
-    EncoderConfig,
-    build_on_meta,
-    channel_ids,
-    count_parameters,
-    dense_variant,
-    get_config,
-    list_configs,
-    resample,
-)
+from pretrain.channel_vocab import UNKNOWN_CHANNEL, ChannelVocab, channel_ids
+from pretrain.encoder import Encoder, build_on_meta, count_parameters, resample
+from pretrain.encoder_config import CONFIGS, EncoderConfig, dense_variant, get_config, list_configs
 from pretrain.msm import MaskedSignalModel, MSMConfig, make_mask, time_block_mask
 
 NAMES = list_configs()

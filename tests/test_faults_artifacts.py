@@ -29,7 +29,8 @@ from finetune.model import MultiTaskModel
 from finetune.multitask import TaskWeighting, TaskWeightingConfig
 from finetune.tiny.llm import build_tiny_llm
 from pretrain.artifacts import ArtifactError, UnverifiedArtifactWarning, file_digest
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 
 CAPTIONS = ["a red apple on a table", "a dog running on the beach"]
 PROJECTOR = f"text/{PROJECTOR_FILE}"

@@ -328,7 +328,7 @@ class RunsCode:
 
 def crafted_checkpoint(root: Path, marker: Path) -> Path:
     """A checkpoints folder that looks like brainmoe's, whose DeepSpeed pickles run code."""
-    from pretrain.encoder import get_config
+    from pretrain.encoder_config import get_config
 
     folder = root / "checkpoints" / "step0000010"
     folder.mkdir(parents=True)

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from pretrain.export import register_export
 from shards.build import BuildConfig, build
 from shards.config import load_config

@@ -28,7 +28,8 @@ from finetune.stimuli import concept_prompt, stimuli_for, synthetic_captions
 from finetune.tiny.clip import build_tiny_clip
 from finetune.tiny.diffusion import build_tiny_sd
 from finetune.tiny.llm import build_tiny_llm
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from shards.build import BuildConfig, build
 from shards.config import load_config
 from shards.reader import collate_eeg

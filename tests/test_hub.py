@@ -18,7 +18,8 @@ import torch
 
 from cluster.cli import main as brainmoe
 from pretrain.artifacts import ArtifactError
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from tests.conftest import REPO, free_port
 
 REPO_ID = "brainmoe-test/tiny-encoder"

@@ -30,7 +30,8 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """(tracking URI, exported folder): a tiny encoder registered under NAME@ALIAS."""
-    from pretrain.encoder import Encoder, get_config
+    from pretrain.encoder import Encoder
+    from pretrain.encoder_config import get_config
     from pretrain.export import register_export
 
     root = tmp_path_factory.mktemp("pyfunc")

@@ -16,7 +16,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pretrain import moabb_eval
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from pretrain.features import EncoderFeatures, pooled_features, region_of
 from shards.channels import standard_positions
 

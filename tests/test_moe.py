@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from pretrain.moe import MoE, load_imbalance, swiglu
 
 D, H, E = 16, 24, 6

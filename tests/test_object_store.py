@@ -335,7 +335,8 @@ def test_embed_stimuli_on_s3_writes_the_local_cache(stim):
 def test_finetuning_reads_s3_shards(stim, tmp_path):
     """`brainmoe finetune` (one CPU rank) with data.shards=[s3://...]: split, stimulus renders,
     CLIP cache and training all come from the bucket."""
-    from pretrain.encoder import Encoder, get_config
+    from pretrain.encoder import Encoder
+    from pretrain.encoder_config import get_config
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from pretrain.msm import make_mask
 from tests.test_encoder_contract import make_batch
 

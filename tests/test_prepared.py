@@ -12,7 +12,8 @@ import torch
 
 from finetune.config import FinetuneConfig
 from finetune.prepared import RECORD, load_prepared, prepare_run, prepared_dir
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from shards.build import BuildConfig, build
 from shards.config import load_config
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from pretrain.probe import REGION_SITES, ProbeData, features, region_of, region_pool
 from shards.channels import standard_positions
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.encoder import Encoder, get_config
+from pretrain.encoder import Encoder
+from pretrain.encoder_config import get_config
 from pretrain.reconstruction import linear_gap, neighbour_predict, spline_predict
 from tests.conftest import PHYSIONET, REPO, _need
 
