@@ -29,7 +29,6 @@ braindecode: a registry URI is resolved through MLflow only when one is given.
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,18 +50,12 @@ def resolve_encoder(source: str | Path, tracking_uri: str | None = None) -> Path
     """An encoder folder, or the config name of a random init; a Hub repo id or a
     ``models:/``/``runs:/`` URI is downloaded (MLflow is imported only then)."""
     text = str(source)
-    if Path(text).is_dir():
-        return Path(text)
-    if text.startswith(REGISTRY_PREFIXES):
-        from pretrain.tracking import resolve_model
-
-        return resolve_model(text, tracking_uri, tempfile.mkdtemp(prefix="brainmoe-model-"))
-    if text in CONFIGS:
+    if text in CONFIGS and not Path(text).exists():
         return text
-    from pretrain import hub
+    if Path(text).is_dir() or text.startswith(REGISTRY_PREFIXES) or "/" in text:
+        from pretrain.tracking import resolve_model  # folders, models:/, runs:/, Hub ids
 
-    if "/" in text and not hub.is_local(text):  # a Hub repo id (org/name), or a clear error
-        return hub.resolve(text)
+        return resolve_model(text, tracking_uri)  # MLflow picks a temp dir
     raise ValueError(
         f"encoder={text!r} is neither an encoder folder (save_pretrained / brainmoe export), "
         f"a registry URI (models:/<name>@<alias>), a Hub repo id (org/name), nor a config "

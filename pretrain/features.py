@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -159,9 +158,7 @@ def _model_folder(model: str, tracking_uri: str | None) -> Path:
     """A local folder for a path or a registry URI, downloaded once per process."""
     from pretrain.tracking import resolve_model
 
-    if Path(model).exists():
-        return Path(model)
-    return resolve_model(model, tracking_uri, tempfile.mkdtemp(prefix="brainmoe-model-"))
+    return resolve_model(model, tracking_uri)  # MLflow picks a temp dir
 
 
 @functools.lru_cache(maxsize=4)

@@ -78,7 +78,7 @@ def test_channels_without_identity_are_rejected_before_loading(tmp_path):
     assert model.ch_ids[1] == 0 and bool(model.pos_known[1]) and not bool(model.pos_known[2])
 
     missing = tmp_path / "nothing-here"
-    with pytest.raises(ValueError, match="neither an encoder folder"):
+    with pytest.raises(ValueError, match="nothing-here: no such folder"):
         BrainmoeClassifier(n_outputs=2, chs_info=chs_info(), sfreq=160.0, encoder=str(missing))
     with pytest.raises(ValueError, match="needs chs_info"):
         BrainmoeClassifier(n_outputs=2, n_chans=5, sfreq=160.0, encoder="tiny")
