@@ -94,6 +94,11 @@ class MSMConfig:
     # fraction of time blocks hidden in time_block/mixed masking (None: mask_ratio); a lower
     # value leaves visible patches on both sides of a gap, as at evaluation
     block_ratio: float | None = None
+    # > 0 with a raw path: a linear head on the decoder's hidden states also reconstructs the
+    # hidden samples *without* the raw paths, at this weight. The raw paths interpolate so well
+    # that the encoder need not carry the waveform (their features probe below random-init on
+    # MOABB); this loss makes it carry it, while the prediction scored stays the mixed one
+    token_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -120,6 +125,8 @@ class MSMConfig:
             raise ValueError(f"block_ratio must be in (0, 1), got {self.block_ratio}")
         if self.mix_heads < 0:
             raise ValueError(f"mix_heads must be >= 0, got {self.mix_heads}")
+        if self.token_weight < 0:
+            raise ValueError(f"token_weight must be >= 0, got {self.token_weight}")
         if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
             raise ValueError(
                 "mix_heads/time_mix/spline_path predict samples: they need target signal or both"
@@ -302,6 +309,8 @@ class MaskedSignalModel(nn.Module):
         self.spline_path = SplinePath(d) if config.spline_path else None
         if self.spline_path is not None and self.spatial_mix is not None:
             nn.init.zeros_(self.spatial_mix.gate.bias)  # start from the spline alone
+        raw_paths = config.mix_heads or config.time_mix or config.spline_path
+        self.token_head = nn.Linear(d, enc.patch_len) if raw_paths and config.token_weight else None
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
@@ -330,7 +339,8 @@ class MaskedSignalModel(nn.Module):
 
     def decode(self, inp: EncoderInput, mask: Tensor):
         """Encode what is visible, decode every patch -> (encoder output, predictions
-        `[B, C, P, out_dim]` float32, sample predictions of the mixing paths or None)."""
+        `[B, C, P, out_dim]` float32, sample predictions of the mixing paths or None, sample
+        predictions of ``token_head`` `[B, C, P, L]` or None)."""
         b, c, p, _ = inp.patches.shape
         n = c * p
         visible = inp.valid & ~mask
@@ -353,7 +363,9 @@ class MaskedSignalModel(nn.Module):
             tokens, valid = enc.tokens, enc.valid
         out, hidden = self.decoder(tokens, valid, tok_pos, tok_known, return_hidden=True)
         out = out.view(b, c, p, -1).float()
-        mixed = None
+        mixed = tokens_only = None
+        if self.token_head is not None:
+            tokens_only = self.token_head(hidden).view(b, c, p, -1).float()
         if any(m is not None for m in (self.spatial_mix, self.time_mix, self.spline_path)):
             h = hidden.view(b, c, p, -1)
             unclipped = self.unclipped(inp, enc)
@@ -365,7 +377,7 @@ class MaskedSignalModel(nn.Module):
                 mixed = mixed + self.time_mix(h, raw, visible)
             if self.spline_path is not None:
                 mixed = mixed + self.spline_path(h, raw, visible, inp.ch_pos, inp.pos_known)
-        return enc, out, mixed
+        return enc, out, mixed, tokens_only
 
     def forward(
         self,
@@ -374,7 +386,7 @@ class MaskedSignalModel(nn.Module):
         mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """-> ``loss`` (= ``mse`` + ``aux_loss``: what to backpropagate), ``mse`` (masked,
-        valid patches; ``mse_signal`` + weight x ``mse_spectrum`` as configured), ``aux_loss``,
+        valid patches; ``mse_signal`` + weights x ``mse_spectrum``/``mse_tokens`` as configured), ``aux_loss``,
         ``pred``/``target`` `[B, C, P, L]` (``pred_spectrum``/``target_spectrum``
         `[B, C, P, F]` with a spectral target), ``mask``/``valid``
         `[B, C, P]`, ``n_masked``, ``scale`` `[B]` (pred x scale x input_scale_uv = uV),
@@ -389,7 +401,7 @@ class MaskedSignalModel(nn.Module):
             mask = self.make_mask(inp.valid, generator)
         else:
             mask = mask.to(inp.valid.device, torch.bool) & inp.valid
-        enc, out_all, mixed = self.decode(inp, mask)
+        enc, out_all, mixed, tokens_only = self.decode(inp, mask)
         n_masked = mask.sum()
 
         visible = inp.valid & ~mask
@@ -414,6 +426,11 @@ class MaskedSignalModel(nn.Module):
             out["pred"], out["target"] = pred, self.target(self.unclipped(inp, enc))
             out["mse_signal"] = masked_mse(out["pred"], out["target"])
             mse = mse + out["mse_signal"]
+            if tokens_only is not None:
+                if self.config.center_patches:
+                    tokens_only = tokens_only - tokens_only.mean(-1, keepdim=True)
+                out["mse_tokens"] = masked_mse(tokens_only, out["target"])
+                mse = mse + self.config.token_weight * out["mse_tokens"]
         if self.config.target != "signal":
             out["pred_spectrum"] = out_all[..., split:]  # [B, C, P, F]
             target = log_spectrum(enc.patches, self.config.spectrum_bands)  # [B, C, P, F]

@@ -105,6 +105,29 @@ def test_encoder_that_sees_only_visible_patches_ignores_hidden_values():
     assert out.index.shape == out.valid.shape and int(out.valid.sum()) == int(keep.sum())
 
 
+def test_token_loss_reaches_the_encoder_but_not_the_raw_paths():
+    """``msm.token_weight``: the token-only reconstruction is added at its weight, and its
+    gradient trains the encoder (it cannot lean on the raw-sample mixing paths)."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig
+    from tests.test_encoder_contract import make_batch
+
+    cfg = get_config("tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False)
+    torch.manual_seed(0)
+    args = dict(encoder=cfg, encoder_input="visible", center_patches=True, mix_heads=2)
+    model = MaskedSignalModel(MSMConfig(**args, time_mix=True, token_weight=0.5))
+    assert MaskedSignalModel(MSMConfig(**args)).token_head is None  # off by default
+    out = model(
+        make_batch([19, 32], [4.0, 4.0], seed=6), generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(out["mse"], out["mse_signal"] + 0.5 * out["mse_tokens"])
+    out["mse_tokens"].backward()
+    mixing = [*model.spatial_mix.parameters(), *model.time_mix.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in mixing)
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="token_weight"):
+        MSMConfig(**args, token_weight=-1.0)
+
+
 def _build(folder: Path, out: Path, pattern: str) -> Path:
     cmd = [
         sys.executable,
