@@ -69,7 +69,7 @@ def eeg_samples(b: int, max_channels: int, seconds: float) -> list[dict[str, Any
     channels, so the collated batch is padded like a mixed-montage one."""
     from finetune.stimuli import MAX_CLASSES, MAX_INSTANCES
     from shards.channels import standard_positions
-    from shards.reader import window_sample
+    from shards.sample import window_sample
 
     positions = standard_positions()
     rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ def paired_batch(model: torch.nn.Module, args: argparse.Namespace, device: str) 
     """The reader batch plus what finetune/pairs.py joins to it: CLIP embeddings, captions,
     latents (only the fields the model's heads read)."""
     from finetune.stimuli import parse_synthetic_id, synthetic_captions
-    from shards.reader import collate_eeg
+    from shards.sample import collate_eeg
 
     batch = collate_eeg(eeg_samples(args.batch, args.channels, args.seconds))
     g = torch.Generator().manual_seed(1)

@@ -71,7 +71,7 @@ def recipe_msm(encoder: EncoderConfig, encoder_input: str, packing: bool) -> MSM
 def eeg_batch(channels: list[int], device: str) -> dict:
     """Reader-collated windows (the one sample type), `channels[i]` channels for sample i."""
     from shards.channels import standard_positions
-    from shards.reader import collate_eeg, window_sample
+    from shards.sample import collate_eeg, window_sample
 
     pos = standard_positions()
     names = [n for n in pos if not n.startswith(("LPA", "RPA", "Nz"))]

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from shards.preprocess import PreprocessConfig, preprocess
-from shards.reader import ReaderConfig, collate_eeg, make_loader, window_sample
+from shards.reader import ReaderConfig, make_loader
+from shards.sample import collate_eeg, window_sample
 
 
 def windows_from_file(

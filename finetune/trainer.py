@@ -22,7 +22,8 @@ from finetune.prepared import load_prepared, prepare_run
 from finetune.splits import KeySelect
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer, log
-from shards.reader import ReaderConfig, collate_eeg, make_loader
+from shards.reader import ReaderConfig, make_loader
+from shards.sample import collate_eeg
 
 
 class FinetuneTrainer(Trainer):

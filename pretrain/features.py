@@ -125,7 +125,7 @@ def pooled_features(
     (``moments``)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    from shards.reader import collate_eeg, window_sample
+    from shards.sample import collate_eeg, window_sample
 
     encoder.eval()
     device = next(encoder.parameters()).device

@@ -98,8 +98,8 @@ def windows(recordings: list[dict[str, Any]], preprocess_cfg=None) -> list[dict[
     generate` cleans a file; ``meta`` holds ``input``, ``window`` and ``start_s``. A recording
     with no usable window is a ValueError that says why."""
     from shards.preprocess import PreprocessConfig, preprocess
-    from shards.reader import window_sample
     from shards.recording import Provenance, Recording
+    from shards.sample import window_sample
 
     cfg = preprocess_cfg or PreprocessConfig()
     samples = []

@@ -72,7 +72,8 @@ def load_run(run_dir: str | Path) -> MaskedSignalModel:
 def iter_batches(source: str, batch_size: int, max_windows: int | None, shard_cfg=None):
     """Reader batches from a shard folder, or from any source spec through the shards'
     preprocessing (``shard_cfg``: a PreprocessConfig, e.g. the training corpus's)."""
-    from shards.reader import ReaderConfig, collate_eeg, make_loader
+    from shards.reader import ReaderConfig, make_loader
+    from shards.sample import collate_eeg
 
     seen = 0
     if Path(source).is_dir() and (Path(source) / "manifest.json").exists():
@@ -88,7 +89,7 @@ def iter_batches(source: str, batch_size: int, max_windows: int | None, shard_cf
             yield batch
         return
     from shards.preprocess import preprocessed
-    from shards.reader import window_sample
+    from shards.sample import window_sample
 
     samples: list[dict[str, Any]] = []
     for _, processed in preprocessed(source, shard_cfg):

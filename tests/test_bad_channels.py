@@ -13,8 +13,9 @@ from shards.bad_channels import flag_bad_channels
 from shards.build import BuildConfig, build
 from shards.config import load_config
 from shards.preprocess import PreprocessConfig, preprocess
-from shards.reader import ReaderConfig, collate_eeg, decode_sample, make_loader
+from shards.reader import ReaderConfig, make_loader
 from shards.recording import Provenance, Recording, Rejected
+from shards.sample import collate_eeg, decode_sample
 from shards.sources import get_source
 from shards.writer import encode_sample
 

@@ -163,7 +163,7 @@ def test_adapters_are_small_and_reload_to_identical_outputs(finetuned, world):
     from finetune.generate import load_finetuned
     from finetune.inputs import windows_from_shards
     from finetune.pairs import Pairing
-    from shards.reader import collate_eeg
+    from shards.sample import collate_eeg
 
     adapters = finetuned / "adapters"
     size = sum(p.stat().st_size for p in adapters.rglob("*") if p.is_file())

@@ -32,7 +32,7 @@ from pretrain.encoder import Encoder
 from pretrain.encoder_config import get_config
 from shards.build import BuildConfig, build
 from shards.config import load_config
-from shards.reader import collate_eeg
+from shards.sample import collate_eeg
 
 SPEC = "synthetic?subjects=2&runs=1&duration_s=40&classes=2&instances=3&artifacts=false"
 

@@ -58,8 +58,8 @@ def reference(folder: Path, rec: dict) -> np.ndarray:
     generate path (preprocess, reader samples with bad channels masked) into the encoder."""
     from pretrain.encoder import Encoder
     from shards.preprocess import PreprocessConfig, preprocess
-    from shards.reader import collate_eeg, window_sample
     from shards.recording import Provenance, Recording
+    from shards.sample import collate_eeg, window_sample
 
     data = np.asarray(rec["eeg"])
     processed = preprocess(
@@ -258,7 +258,7 @@ def test_registered_heads_predict_what_generate_writes(registered, physionet, tm
     np.testing.assert_array_equal(np.asarray(png), np.asarray(written))
 
     with torch.no_grad():
-        from shards.reader import collate_eeg
+        from shards.sample import collate_eeg
 
         enc = reloaded.encoder(collate_eeg(samples))
         emb = reloaded.heads["retrieval"].embed(enc.tokens, enc.valid)[0]  # [Dc]

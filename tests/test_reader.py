@@ -16,15 +16,8 @@ import torch
 import webdataset as wds
 
 import shards.reader as reader
-from shards.reader import (
-    ReaderConfig,
-    ShardReadWarning,
-    build_pipeline,
-    collate_eeg,
-    decode_sample,
-    list_shards,
-    make_loader,
-)
+from shards.reader import ReaderConfig, ShardReadWarning, build_pipeline, list_shards, make_loader
+from shards.sample import collate_eeg, decode_sample
 
 N_SHARDS, PER_SHARD = 8, 10
 CHANNELS = (19, 32, 64)
