@@ -67,7 +67,7 @@ SFREQ = 200.0
 def eeg_samples(b: int, max_channels: int, seconds: float) -> list[dict[str, Any]]:
     """Reader-format samples (as finetune/inputs.py builds them) with 19..max_channels
     channels, so the collated batch is padded like a mixed-montage one."""
-    from finetune.stimuli import MAX_CLASSES, MAX_INSTANCES
+    from finetune.synthetic_stimuli import MAX_CLASSES, MAX_INSTANCES
     from shards.channels import standard_positions
     from shards.sample import window_sample
 
@@ -100,7 +100,7 @@ def eeg_samples(b: int, max_channels: int, seconds: float) -> list[dict[str, Any
 def paired_batch(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """The reader batch plus what finetune/pairs.py joins to it: CLIP embeddings, captions,
     latents (only the fields the model's heads read)."""
-    from finetune.stimuli import parse_synthetic_id, synthetic_captions
+    from finetune.synthetic_stimuli import parse_synthetic_id, synthetic_captions
     from shards.sample import collate_eeg
 
     batch = collate_eeg(eeg_samples(args.batch, args.channels, args.seconds))
@@ -244,7 +244,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> list[str]:
 
         out.append(f"image.base={build_tiny_sd(workdir / 'sd')}")
     if "text.base" not in named:
-        from finetune.stimuli import MAX_CLASSES, MAX_INSTANCES, synthetic_captions
+        from finetune.synthetic_stimuli import MAX_CLASSES, MAX_INSTANCES, synthetic_captions
         from finetune.tiny.llm import build_tiny_llm
 
         corpus = [

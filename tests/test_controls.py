@@ -21,7 +21,8 @@ from finetune.config import FinetuneConfig
 from finetune.evaluate import captions, encode_test, training_captions
 from finetune.heads.text import TextHead, TextHeadConfig
 from finetune.splits import SplitConfig, index_shards, make_split
-from finetune.stimuli import Stimulus, StimulusSet, stimuli_for, synthetic_captions
+from finetune.stimuli import Stimulus, StimulusSet, stimuli_for
+from finetune.synthetic_stimuli import synthetic_captions
 from finetune.tiny.llm import build_tiny_llm
 from pretrain.encoder import Encoder
 from pretrain.encoder_config import get_config

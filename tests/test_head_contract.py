@@ -24,7 +24,8 @@ from finetune.model import build_model
 from finetune.pairs import Pairing
 from finetune.prepare import Prepared
 from finetune.splits import SplitConfig, index_shards, make_split
-from finetune.stimuli import concept_prompt, stimuli_for, synthetic_captions
+from finetune.stimuli import concept_prompt, stimuli_for
+from finetune.synthetic_stimuli import synthetic_captions
 from finetune.tiny.clip import build_tiny_clip
 from finetune.tiny.diffusion import build_tiny_sd
 from finetune.tiny.llm import build_tiny_llm

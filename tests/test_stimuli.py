@@ -14,10 +14,10 @@ from finetune.stimuli import (
     StimulusSet,
     imagenet_eeg_stimuli,
     load_captions,
-    render_synthetic,
     stimuli_for,
     things_eeg2_stimuli,
 )
+from finetune.synthetic_stimuli import render_synthetic
 
 IDS = [f"synthetic:c{k:02d}:i{i:02d}" for k in range(4) for i in range(4)]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.stimuli import MAX_CLASSES, MAX_INSTANCES, synthetic_captions
+from finetune.synthetic_stimuli import MAX_CLASSES, MAX_INSTANCES, synthetic_captions
 from finetune.tiny.clip import build_tiny_clip
 from finetune.tiny.diffusion import build_tiny_sd
 from finetune.tiny.llm import build_tiny_llm

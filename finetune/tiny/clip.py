@@ -74,7 +74,7 @@ def fit_synthetic(model: open_clip.CLIP, config: dict, steps: int, seed: int = 0
     import torch.nn.functional as F
     import torchvision.transforms as T
 
-    from finetune.stimuli import render_synthetic_image, synthetic_captions
+    from finetune.synthetic_stimuli import render_synthetic_image, synthetic_captions
 
     pre = config["preprocess_cfg"]
     transform = T.Compose([T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
