@@ -123,13 +123,15 @@ def world_size(args: argparse.Namespace, cfg: Any, deepspeed_world: int) -> int:
 
 
 def check_storage(cfg: Any) -> None:
-    """A local Ray run folder that already holds checkpoints is resumed by Ray whatever the
-    config says, so a fresh run there is refused, as the DeepSpeed launcher refuses one."""
-    storage = storage_path(cfg)
-    if is_uri(storage):
+    """A Ray run folder that already holds checkpoints (local or in a bucket) is resumed by Ray
+    whatever the config says, so a fresh run there is refused, as the DeepSpeed launcher
+    refuses one."""
+    from shards import storage
+
+    run = storage.join(storage_path(cfg), run_name(cfg))
+    if cfg.train.resume:
         return
-    run = Path(storage) / run_name(cfg)
-    if not cfg.train.resume and run.is_dir() and any(run.glob("step*")):
+    if any(name.startswith("step") for name in storage.list_names(run)):
         raise ValueError(
             f"{run} already holds checkpoints of a Ray run: pass train.resume=true to continue "
             "it, or choose a new train.run_dir (or ray.name)"

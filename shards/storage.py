@@ -110,6 +110,20 @@ def list_sizes(folder: Target) -> dict[str, int]:
     }
 
 
+def list_names(folder: Target) -> list[str]:
+    """Names of the files and folders directly in `folder`; [] if there is none."""
+    if not is_uri(folder):
+        folder = Path(folder)
+        return sorted(e.name for e in os.scandir(folder)) if folder.is_dir() else []
+    fs, path = filesystem(folder)
+    fs.invalidate_cache()
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
 def open_read(target: Target) -> IO[bytes]:
     """A binary stream; URLs are read block by block as the caller goes, never fetched whole."""
     if not is_uri(target):

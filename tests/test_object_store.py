@@ -390,3 +390,15 @@ def test_ray_train_checkpoints_land_in_the_bucket(s3, tmp_path):
     in_newest = {p.split("/", 1)[1] for p in files if p.startswith("step0000004/")}
     assert any(name.endswith(".json") for name in in_newest), in_newest
     assert len(in_newest) >= 3, in_newest  # model/optimizer state and the completion marker
+    # Ray would resume from the bucket whatever the config says: a fresh run there is refused
+    # before Ray starts, as a local run folder with checkpoints is
+    again = _cli(
+        *("pretrain", "--launcher", "ray", "--num-workers", "1"),
+        *("--config", str(REPO / "configs" / "pretrain" / "tiny.yaml")),
+        f"data.shards=[{CORPUS}]",
+        f"train.run_dir={run_dir}",
+        f"ray.storage_path=s3://{BUCKET}/ray",
+        timeout=120,
+    )
+    assert again.returncode != 0, again.stdout[-2000:]
+    assert "already holds checkpoints of a Ray run" in again.stderr, again.stderr[-2000:]

@@ -98,6 +98,18 @@ def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path, capsys
     assert "already holds checkpoints: pass train.resume=true" in capsys.readouterr().err
 
 
+def test_existing_ray_run_is_not_overwritten_without_resume(corpus, tmp_path, capsys):
+    """Under `--launcher ray` the checkpoints live in ray.storage_path/<run name>: Ray would
+    resume from them whatever the config says, so a fresh run there is refused before Ray
+    starts (tests/test_object_store.py checks the same for an s3:// storage_path)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "ray" / "run" / "step0000004").mkdir(parents=True)
+    args = ["pretrain", "--launcher", "ray", "--num-workers", "1", "--config", TINY]
+    args += [f"data.shards=[{corpus}]", f"train.run_dir={run_dir}"]
+    assert brainmoe(args) == 2
+    assert "already holds checkpoints of a Ray run" in capsys.readouterr().err
+
+
 def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
     from cluster.cli import build_parser
     from cluster.deepspeed_launch import launch_command
