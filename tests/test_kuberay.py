@@ -132,8 +132,9 @@ S3_ENV = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 def test_pretrain_entrypoint_is_a_valid_run(local_corpus):
     """Parsed as `brainmoe` parses it, its config loaded and checked as the launcher does
-    before Ray starts (unknown keys, ranges, world size, model against the shards)."""
-    from cluster.ray_train import check_storage
+    before Ray starts (unknown keys, ranges, world size, model against the shards). The
+    launcher's look into the bucket (`check_storage`) needs the bucket, so it is tested against
+    a real S3 server in tests/test_object_store.py, not here."""
     from pretrain.model import validate_config
     from shards.storage import is_uri
 
@@ -142,7 +143,6 @@ def test_pretrain_entrypoint_is_a_valid_run(local_corpus):
     assert (args.command, args.launcher, args.use_gpu) == ("pretrain", "ray", True)
     assert cfg.ray.use_gpu and cfg.ray.num_workers == args.num_workers
     cfg.ray.validate()
-    check_storage(cfg)
     # pods share no disk: the corpus and the checkpoints are in S3, every pod has the keys
     assert cfg.data.shards and all(is_uri(s) for s in cfg.data.shards), cfg.data.shards
     assert is_uri(cfg.ray.storage_path), cfg.ray.storage_path

@@ -29,7 +29,7 @@ from shards.manifest import verify
 from shards.reader import ReaderConfig, make_loader
 from tests.conftest import REPO, free_port
 
-pytest.importorskip("s3fs")
+s3fs = pytest.importorskip("s3fs")
 MOTO = Path(sys.executable).with_name("moto_server")
 if not MOTO.exists():
     pytest.skip("moto_server not installed: pip install 'moto[server]'", allow_module_level=True)
@@ -109,12 +109,17 @@ def s3(tmp_path_factory):
             mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
             mp.setenv("AWS_CONFIG_FILE", str(home / "config"))  # keep ~/.aws out
             mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+            # fsspec keeps one S3FileSystem per set of arguments, whatever the environment was
+            # when it was made: one cached by an earlier test, without these variables, would
+            # be handed back here
+            s3fs.S3FileSystem.clear_instance_cache()
             _s3fs().mkdir(BUCKET)
             local = tmp_path_factory.mktemp("local") / "corpus"
             build(load_config(BuildConfig, sources=[SPEC], out=str(local), workers=0))
             build(load_config(BuildConfig, sources=[SPEC], out=CORPUS, workers=0))
             yield {"local": local, "port": port}
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor hand this server's client to later tests
         _stop(proc)
 
 
