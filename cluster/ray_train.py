@@ -131,7 +131,17 @@ def check_storage(cfg: Any) -> None:
     run = storage.join(storage_path(cfg), run_name(cfg))
     if cfg.train.resume:
         return
-    if any(name.startswith("step") for name in storage.list_names(run)):
+    try:
+        names = storage.list_names(run)
+    except ValueError:
+        raise
+    except Exception as err:  # botocore/fsspec: no credentials, no such endpoint, ...
+        raise ValueError(
+            f"cannot look into {run} ({type(err).__name__}: {err}): the driver must reach "
+            "ray.storage_path; for s3:// set AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or ~/.aws), or fix ray.storage_path"
+        ) from err
+    if any(name.startswith("step") for name in names):
         raise ValueError(
             f"{run} already holds checkpoints of a Ray run: pass train.resume=true to continue "
             "it, or choose a new train.run_dir (or ray.name)"

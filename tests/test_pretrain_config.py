@@ -110,6 +110,28 @@ def test_existing_ray_run_is_not_overwritten_without_resume(corpus, tmp_path, ca
     assert "already holds checkpoints of a Ray run" in capsys.readouterr().err
 
 
+def test_unreachable_ray_storage_is_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    """A bucket the driver cannot list (here: no credentials) stops the launch before Ray
+    starts, naming the variables to set, not with a botocore traceback."""
+    s3fs = pytest.importorskip("s3fs")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))  # keep ~/.aws out
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()  # a client made under other variables
+    try:
+        args = ["pretrain", "--launcher", "ray", "--num-workers", "1", "--config", TINY]
+        args += [f"data.shards=[{corpus}]", f"train.run_dir={tmp_path / 'run'}"]
+        assert brainmoe([*args, "ray.storage_path=s3://no-such-bucket/ray"]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor leave this one to later tests
+    err = capsys.readouterr().err
+    assert "cannot look into s3://no-such-bucket/ray/run" in err, err
+    assert "AWS_ACCESS_KEY_ID" in err, err
+
+
 def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
     from cluster.cli import build_parser
     from cluster.deepspeed_launch import launch_command
