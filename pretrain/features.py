@@ -25,7 +25,6 @@ foundation models often carry more in a middle layer than at the top.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,15 +97,16 @@ def resolve_layer(layer: int | None, depth: int) -> int:
 def encode_at_layer(encoder: Encoder, batch: dict[str, Any], layer: int | None) -> EncoderOutput:
     """The encoder's output with ``tokens`` read after block ``layer`` (then the final norm);
     None is the encoder's own output."""
-    if layer is None:
+    if layer is None or layer == len(encoder.blocks) - 1:
         return encoder(batch)
-    captured: list[Tensor] = []
-    hook = encoder.blocks[layer].register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    # The encoder run with its first layer + 1 blocks: the same tokens a hook on that block
+    # would see, but packed batches (mixed montages) come back unpacked to [B, N, D].
+    blocks = encoder.blocks
+    encoder.blocks = torch.nn.ModuleList(list(blocks)[: layer + 1])
     try:
-        out = encoder(batch)
+        return encoder(batch)
     finally:
-        hook.remove()
-    return dataclasses.replace(out, tokens=encoder.norm(captured[0]))  # [B, N, D]
+        encoder.blocks = blocks
 
 
 @torch.no_grad()

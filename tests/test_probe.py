@@ -54,3 +54,34 @@ def test_features_for_both_poolings():
     assert features(encoder, data, pooling="regions").shape == (2, 20 * 64)
     with pytest.raises(ValueError, match="pooling must be one of"):
         features(encoder, data, pooling="max")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "regions", "moments"])
+def test_a_middle_layer_reads_mixed_montages_as_each_window_alone(pooling):
+    """Mixed montages make the encoder pack its tokens: a middle block's features must still
+    come back per window, equal to that window encoded on its own (no padding)."""
+    from pretrain.features import pooled_features
+
+    std = standard_positions()
+    rng = np.random.default_rng(1)
+    montages = [["C3", "C4", "Cz"], ["Fp1", "C3", "C4", "O2", "Pz"]]
+    eeg = [rng.normal(0, 20, (len(m), 800)).astype(np.float32) for m in montages]
+    pos = [np.stack([std[n] for n in m]) for m in montages]
+    torch.manual_seed(0)
+    encoder = Encoder(get_config("tiny", depth=3))
+
+    def pooled(idx, layer):
+        return pooled_features(
+            encoder,
+            [eeg[i] for i in idx],
+            [montages[i] for i in idx],
+            [pos[i] for i in idx],
+            200.0,
+            pooling=pooling,
+            layer=layer,
+        )
+
+    together = pooled([0, 1], 1)
+    alone = np.concatenate([pooled([0], 1), pooled([1], 1)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(together, pooled([0, 1], None), atol=1e-3)  # not the last block
