@@ -36,6 +36,14 @@ EVALUATIONS = {
     "within-session": "WithinSessionEvaluation",
 }
 BASELINES = ("CSP+LDA", "TS+LR")
+# --target -> MOABB's CrossSubjectMode: which unlabeled trials of the held-out subject every
+# pipeline may align to (pretrain/alignment.py); "none" is the plain protocol
+TARGETS = {
+    "none": "train",
+    "unlabeled-20p": "train_and_target_unlabeled_20p",
+    "unlabeled-50p": "train_and_target_unlabeled_50p",
+    "unlabeled-full": "train_and_target_unlabeled_full",
+}
 
 
 def parse_subjects(text: str) -> list[int]:
@@ -81,8 +89,9 @@ def make_paradigm(name: str, fmin: float | None = None, fmax: float | None = Non
     return cls(**bands)
 
 
-def baseline_pipelines() -> dict[str, Any]:
-    """MOABB's benchmark pipelines (its pipelines/CSP.yml and TSLR.yml)."""
+def baseline_pipelines(aligned: bool = False) -> dict[str, Any]:
+    """MOABB's benchmark pipelines (its pipelines/CSP.yml and TSLR.yml); ``aligned``: each
+    subject's covariances re-centred at the identity first (Riemannian alignment)."""
     from pyriemann.estimation import Covariances
     from pyriemann.spatialfilters import CSP
     from pyriemann.tangentspace import TangentSpace
@@ -90,26 +99,33 @@ def baseline_pipelines() -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
+    from pretrain.alignment import AlignedCovariances, request_alignment_metadata
+
+    def cov():
+        if aligned:
+            return request_alignment_metadata(AlignedCovariances("oas"))
+        return Covariances("oas")
+
     return {
-        "CSP+LDA": make_pipeline(
-            Covariances("oas"), CSP(nfilter=6), LinearDiscriminantAnalysis(solver="svd")
-        ),
-        "TS+LR": make_pipeline(
-            Covariances("oas"), TangentSpace(metric="riemann"), LogisticRegression(C=1.0)
-        ),
+        "CSP+LDA": make_pipeline(cov(), CSP(nfilter=6), LinearDiscriminantAnalysis(solver="svd")),
+        "TS+LR": make_pipeline(cov(), TangentSpace(metric="riemann"), LogisticRegression(C=1.0)),
     }
 
 
-def encoder_pipeline(features, c: float | None = 0.5):
+def encoder_pipeline(features, c: float | None = 0.5, aligned: bool = False):
     """Frozen features -> standardised -> logistic regression (the probe's classifier).
 
     ``c=None`` picks the regularisation inside each training fold (5-fold inner
     cross-validation over a log grid, MOABB's metric): thousands of pooled features against
     a few hundred trials make a fixed C favour whichever encoder has the lower effective
-    rank, so a comparison of encoders should not hang on one C."""
+    rank, so a comparison of encoders should not hang on one C. ``aligned``: each subject's
+    features are z-scored by their own statistics instead of the pooled ones
+    (pretrain/alignment.py)."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from pretrain.alignment import AlignedFeatures, request_alignment_metadata
 
     if c is None:
         clf = LogisticRegressionCV(
@@ -117,6 +133,8 @@ def encoder_pipeline(features, c: float | None = 0.5):
         )
     else:
         clf = LogisticRegression(C=c, max_iter=3000)
+    if aligned:
+        return make_pipeline(request_alignment_metadata(AlignedFeatures(features)), clf)
     return make_pipeline(features, StandardScaler(), clf)
 
 
@@ -177,6 +195,7 @@ def evaluate(
     random_seeds: int = 3,
     seed: int = 0,
     c: float | None = 0.5,
+    target: str = "none",
     batch_size: int = 32,
     device: str = "auto",
     tracking_uri: str | None = None,
@@ -202,6 +221,14 @@ def evaluate(
         raise ValueError("cross-subject evaluation needs at least 2 subjects")
     if c is not None and c <= 0:
         raise ValueError(f"--C must be positive or 'auto', got {c}")
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {list(TARGETS)}, got {target!r}")
+    if target != "none" and evaluation != "cross-subject":
+        raise ValueError(
+            f"--target {target} aligns to unlabeled trials of a held-out subject: it needs "
+            "--evaluation cross-subject"
+        )
+    aligned = target != "none"
     data = make_dataset(dataset, subjects)
     task = make_paradigm(paradigm, fmin, fmax)
     if not task.is_valid(data):
@@ -222,14 +249,15 @@ def evaluate(
         "device": device,
         "tracking_uri": tracking_uri,
     }
-    pipelines = {"brainmoe": encoder_pipeline(EncoderFeatures(**common), c)}
+    pipelines = {"brainmoe": encoder_pipeline(EncoderFeatures(**common), c, aligned)}
     random_names = [f"brainmoe-random-s{seed + k}" for k in range(random_seeds)]
     for k, name in enumerate(random_names):
         twin = EncoderFeatures(**common, random_init=True, seed=seed + k)
-        pipelines[name] = encoder_pipeline(twin, c)
-    pipelines.update(baseline_pipelines())
+        pipelines[name] = encoder_pipeline(twin, c, aligned)
+    pipelines.update(baseline_pipelines(aligned))
 
     cls = getattr(moabb.evaluations, EVALUATIONS[evaluation])
+    protocol = {"cs_mode": TARGETS[target]} if evaluation == "cross-subject" else {}
     with tempfile.TemporaryDirectory(prefix="brainmoe-moabb-") as results_dir:
         runner = cls(
             paradigm=task,
@@ -238,6 +266,7 @@ def evaluate(
             overwrite=True,
             hdf5_path=results_dir,  # MOABB's results cache, never ~ or the repo
             n_jobs=1,
+            **protocol,
         )
         scores = runner.process(pipelines)
     return {
@@ -252,6 +281,8 @@ def evaluate(
         "depth": len(encoder.blocks),
         "pooling": pooling,
         "C": "auto" if c is None else c,
+        "target": target,
+        "aligned": aligned,
         "random_seeds": [seed + k for k in range(random_seeds)],
         **summarise(scores, random_names),
     }
@@ -266,6 +297,11 @@ def format_result(result: dict[str, Any]) -> str:
         f"  brainmoe: {result['model']}, layer {result['layer']} of 0..{result['depth'] - 1}, "
         f"{result['pooling']} pooling, LR C={result.get('C', 0.5)}; random-init: mean of seeds {result['random_seeds']}",
     ]
+    if result.get("aligned"):
+        lines.append(
+            f"  every pipeline aligned per subject (unlabeled target: {result['target']}): "
+            "encoders z-score each subject's features, CSP/TS re-centre its covariances"
+        )
     for name, row in result["pipelines"].items():
         lines.append(f"  {name:<16} {row['score']:.3f} +- {row['std']:.3f}")
     d = result["difference"]
@@ -311,6 +347,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="LR inverse regularisation, or 'auto': chosen by inner 5-fold CV in each fold",
     )
+    parser.add_argument(
+        "--target",
+        choices=list(TARGETS),
+        default="none",
+        help="cross-subject: align every pipeline per subject, the held-out one by this share "
+        "of its trials, unlabeled (MOABB's cs_mode; scored on the rest, or on all for 'full')",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--json", help="write the result here")
@@ -330,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         random_seeds=args.random_seeds,
         seed=args.seed,
         c=args.c,
+        target=args.target,
         batch_size=args.batch_size,
         device=args.device,
         tracking_uri=args.tracking_uri,

@@ -149,6 +149,10 @@ def test_bad_inputs_are_clear_errors(tiny_model):
         moabb_eval.evaluate(tiny_model, fmin=30, fmax=8)
     with pytest.raises(ValueError, match="positive or 'auto'"):
         moabb_eval.evaluate(tiny_model, c=-1.0)
+    with pytest.raises(ValueError, match="needs --evaluation cross-subject"):
+        moabb_eval.evaluate(tiny_model, evaluation="within-session", target="unlabeled-20p")
+    with pytest.raises(ValueError, match="--target must be one of"):
+        moabb_eval.evaluate(tiny_model, target="labeled")
     parser = argparse.ArgumentParser()
     moabb_eval.add_arguments(parser)
     assert parser.parse_args(["--model", "m", "--C", "auto"]).c is None
@@ -210,3 +214,31 @@ def test_run_cross_subject_writes_every_field(tiny_model, physionet, tmp_path, c
     assert diff["mean"] == pytest.approx(np.mean([f["difference"] for f in folds]))
     assert diff["std"] == pytest.approx(np.std([f["difference"] for f in folds], ddof=1))
     assert pipes["brainmoe"]["score"] == pytest.approx(np.mean([f["brainmoe"] for f in folds]))
+
+
+def test_cross_subject_with_an_unlabeled_target_slice_aligns_every_pipeline(
+    tiny_model, physionet, monkeypatch
+):
+    """--target unlabeled-50p: MOABB's own protocol hands every aligned step the training
+    subjects and half of the held-out subject's trials, unlabeled; the rest are scored."""
+    from pretrain import alignment
+
+    seen = []
+    fit_transform = alignment._PerSubject.fit_transform
+
+    def recording(self, X, y=None, subjects=None, X_target_unlabeled=None):
+        seen.append((type(self).__name__, len(set(subjects)), len(X_target_unlabeled), len(X)))
+        return fit_transform(self, X, y, subjects, X_target_unlabeled)
+
+    monkeypatch.setattr(alignment._PerSubject, "fit_transform", recording)
+    result = moabb_eval.evaluate(
+        tiny_model, subjects=[1, 2], target="unlabeled-50p", random_seeds=1
+    )
+    assert (result["target"], result["aligned"]) == ("unlabeled-50p", True)
+    assert "aligned per subject" in moabb_eval.format_result(result)
+    # 2 folds x (brainmoe, one twin: AlignedFeatures; CSP+LDA, TS+LR: AlignedCovariances)
+    assert sorted(seen) == sorted(
+        [("AlignedFeatures", 1, 22, 45)] * 4 + [("AlignedCovariances", 1, 22, 45)] * 4
+    ), seen
+    for row in result["pipelines"].values():
+        assert 0.0 <= row["score"] <= 1.0
