@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.preprocessing import StandardScaler
 
 
 def _groups(subjects: Any, n: int) -> np.ndarray:
@@ -60,13 +61,13 @@ class _PerSubject(TransformerMixin, BaseEstimator):
         for g in np.unique(groups):
             rows = groups == g
             out[rows] = self._apply(Z[rows], self._stats(Z[rows]))
-        self.source_stats_ = self._stats(Z)
         self.n_subjects_ = len(np.unique(groups))
-        if X_target_unlabeled is not None and len(X_target_unlabeled):
-            self.target_stats_ = self._stats(self._base_transform(X_target_unlabeled))
-            self.n_target_ = len(X_target_unlabeled)
-        else:
-            self.target_stats_, self.n_target_ = self.source_stats_, 0
+        has_target = X_target_unlabeled is not None and len(X_target_unlabeled) > 0
+        self.n_target_ = len(X_target_unlabeled) if has_target else 0
+        # held-out trials are read by the target slice's statistics, else the pooled ones
+        self.target_stats_ = self._stats(
+            self._base_transform(X_target_unlabeled) if has_target else Z
+        )
         return out
 
     def fit(self, X, y=None, subjects=None, X_target_unlabeled=None):
@@ -81,9 +82,8 @@ class AlignedFeatures(_PerSubject):
     """``features`` (a transformer, cloned), then each subject's features z-scored by its own
     mean and std; held-out trials by the unlabeled target slice's."""
 
-    def __init__(self, features=None, eps: float = 1e-6):
+    def __init__(self, features=None):
         self.features = features
-        self.eps = eps
 
     def _base_fit(self, X, y):
         self.features_ = clone(self.features)
@@ -93,11 +93,10 @@ class AlignedFeatures(_PerSubject):
         return np.asarray(self.features_.transform(X), dtype=np.float64)
 
     def _stats(self, Z):
-        return Z.mean(0), Z.std(0) + self.eps  # [F], [F]
+        return StandardScaler().fit(Z)  # a feature constant within the slice keeps scale 1
 
     def _apply(self, Z, stats):
-        mean, std = stats
-        return (Z - mean) / std
+        return stats.transform(Z)
 
 
 class AlignedCovariances(_PerSubject):
