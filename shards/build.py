@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -361,6 +362,7 @@ def _build_locked(config: BuildConfig, out: storage.Target) -> dict[str, Any]:
             settings_path, json.dumps({"settings": settings}, indent=1, sort_keys=True)
         )
 
+    _remove_stale(out, {p.unit.id for p in planned})
     manifest_path = storage.join(out, MANIFEST)
     present = set(storage.list_sizes(out))
     if MANIFEST in present:
@@ -388,7 +390,6 @@ def _build_locked(config: BuildConfig, out: storage.Target) -> dict[str, Any]:
     reports = run_units(todo, config, out) if todo else []
     elapsed = time.perf_counter() - started
 
-    _remove_stale(out, {p.unit.id for p in planned})
     units = [(p.unit.id, p.spec) for p in planned]
     manifest = assemble_manifest(out, units, _header(config, build_fp))
     storage.write_text(
@@ -407,8 +408,14 @@ def _build_locked(config: BuildConfig, out: storage.Target) -> dict[str, Any]:
     return manifest
 
 
+_SHARD_NAME = re.compile(r"^(?P<unit>.+)-\d{5}\.tar$")
+
+
 def _remove_stale(out: storage.Target, keep: set[str]) -> None:
-    """Units of earlier builds that are no longer asked for lose their shards and reports."""
+    """Units of earlier builds that are no longer asked for lose their shards and reports.
+    A build killed between finishing a shard and writing its unit's report leaves a shard no
+    report names; it is removed by its `<unit id>-NNNNN.tar` name (runs under the build lock,
+    so no other build is writing into this folder)."""
     units_dir = storage.join(out, UNITS_DIR)
     for name in sorted(storage.list_sizes(units_dir)):
         unit_id = name.removesuffix(".json")
@@ -417,6 +424,10 @@ def _remove_stale(out: storage.Target, keep: set[str]) -> None:
             for shard in read_json(path).get("shards", []):
                 storage.remove(storage.join(out, shard["name"]))
             storage.remove(path)
+    for name in sorted(storage.list_sizes(out)):
+        match = _SHARD_NAME.match(name)
+        if match and match["unit"] not in keep:
+            storage.remove(storage.join(out, name))
 
 
 def _header(config: BuildConfig, build_fp: str) -> dict[str, Any]:

@@ -291,6 +291,24 @@ def test_second_build_into_one_folder_is_refused_and_a_killed_ones_lock_taken_ov
     assert lock.read_text() == "", "a finished build leaves the lock free"
 
 
+def test_a_shard_no_unit_report_names_is_removed_by_the_next_build(tmp_path):
+    """A build killed between a shard's rename and its unit report leaves a finished `.tar`
+    that no report names (seen in CI: the killed build above left `synthetic-sub-007-00000.tar`
+    behind and the next build's folder failed verify). Any next build removes it."""
+    out = tmp_path / "out"
+    spec = "synthetic?subjects=2&runs=1&duration_s=40"
+    config = load_config(BuildConfig, sources=[spec], out=str(out), workers=0)
+    build(config)
+    shard = sorted(out.glob("*.tar"))[0]
+    orphan = out / shard.name.replace("sub-001", "sub-007")
+    orphan.write_bytes(shard.read_bytes())
+    assert verify(out) == [f"{orphan.name}: not in the manifest"]
+
+    build(config)  # up to date otherwise: only the orphan goes
+    assert not orphan.exists() and verify(out) == []
+    assert load_manifest(out)["totals"]["samples"] == 20
+
+
 # ------------------------------------------------------------------------------ 4. .nedf files
 
 
