@@ -189,11 +189,7 @@ def _decode(model, samples, out, num_images, steps, seed, stimuli) -> list[dict[
                 paths.append(str(path.relative_to(out)))
             sid = batch["stimulus_id"][b]
             stim = stimuli.get(sid) if (stimuli is not None and sid) else None
-            copy = None
-            if stim and stim.image:
-                # a copy beside the generated images: the folder stays whole when moved
-                copy = folder / f"stimulus{Path(stim.image).suffix}"
-                shutil.copyfile(stim.image, copy)
+            copy = copy_stimulus(stim.image, folder) if stim and stim.image else None
             records.append(
                 {
                     "key": key,
@@ -208,6 +204,19 @@ def _decode(model, samples, out, num_images, steps, seed, stimuli) -> list[dict[
                 }
             )
     return records
+
+
+def copy_stimulus(image: str | Path, folder: Path) -> Path:
+    """A copy of the stimulus image beside the generated ones, so the folder stays whole when
+    moved; the image may be a local file or an object-store URL (renders beside s3:// shards)."""
+    from shards import storage
+
+    copy = folder / f"stimulus{Path(str(image)).suffix}"
+    if storage.is_uri(image):
+        copy.write_bytes(storage.read_bytes(str(image)))
+    else:
+        shutil.copyfile(image, copy)
+    return copy
 
 
 def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
@@ -233,8 +242,8 @@ def contact_sheet(records: list[dict[str, Any]], out: Path) -> None:
         offsets = 3 * (eeg.std() + 1e-9) * np.arange(len(eeg))[:, None]
         row[0].plot((eeg + offsets).T, lw=0.3, color="k")
         row[0].set_title(f"{r['key'][:24]}\n{r['channels']} ch", fontsize=6)
-        if r["stimulus_image"]:
-            row[1].imshow(Image.open(r["stimulus_image"]))
+        if r["stimulus_copy"]:  # the local copy: the original may be an s3:// URL
+            row[1].imshow(Image.open(out / r["stimulus_copy"]))
             row[1].set_title("stimulus", fontsize=6)
         for j, path in enumerate(r["images"]):
             row[2 + j].imshow(Image.open(out / path))

@@ -336,6 +336,33 @@ def test_embed_stimuli_on_s3_writes_the_local_cache(stim):
     assert _s3fs().info(f"{remote.removeprefix('s3://')}/index.json")["LastModified"] == before
 
 
+def test_generate_copies_a_stimulus_rendered_into_the_bucket(s3, tmp_path):
+    """`brainmoe generate` copies each window's stimulus beside its images and draws the
+    contact sheet from that copy; a stimulus rendered beside s3:// shards is a URL (it was
+    opened as a local path before, and failed)."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune.generate import contact_sheet, copy_stimulus
+
+    png = tmp_path / "render.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(png)
+    url = f"s3://{BUCKET}/stim-copy/stimuli/synthetic/class_0.png"
+    storage.write_bytes(url, png.read_bytes())
+    out = tmp_path / "generated"
+    (out / "win").mkdir(parents=True)
+    copy = copy_stimulus(url, out / "win")
+    assert copy == out / "win" / "stimulus.png" and copy.read_bytes() == png.read_bytes()
+    assert copy_stimulus(png, tmp_path).read_bytes() == png.read_bytes()  # a local file too
+
+    record = {"key": "win", "caption": "a class 0", "images": [], "channels": 2,
+              "eeg": np.zeros((2, 10)), "stimulus_image": url,
+              "stimulus_copy": "win/stimulus.png"}  # fmt: skip
+    contact_sheet([record], out)
+    assert (out / "contact_sheet.png").stat().st_size > 0
+    assert 'src="win/stimulus.png"' in (out / "index.html").read_text()
+
+
 @pytest.mark.slow
 def test_finetuning_reads_s3_shards(stim, tmp_path):
     """`brainmoe finetune` (one CPU rank) with data.shards=[s3://...]: split, stimulus renders,
