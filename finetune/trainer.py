@@ -139,6 +139,7 @@ class FinetuneTrainer(Trainer):
 
     def finish(self, tracker: Tracker) -> dict[str, Any]:
         from finetune.evaluate import evaluate
+        from finetune.model_card import write_model_card
 
         result: dict[str, Any] = {"step": self.state.step, "run_dir": str(self.run_dir)}
         model = self.engine.module
@@ -152,6 +153,7 @@ class FinetuneTrainer(Trainer):
             self.save_reference(model)
             scores = evaluate(model, self.cfg, self.prep, self.pairing, self.device, self.dtype)
             (self.run_dir / "eval.json").write_text(json.dumps(scores, indent=1) + "\n")
+            write_model_card(out, scores)  # README.md, added to finetune.json's checksums
             tracker.log_metrics(
                 {k: v for k, v in _flat(scores).items() if isinstance(v, float)}, self.state.step
             )

@@ -184,6 +184,27 @@ def test_adapters_are_small_and_reload_to_identical_outputs(finetuned, world):
         assert diff < 1e-5, f"{name}: reloaded adapters differ from the engine's model by {diff}"
 
 
+def test_adapters_carry_a_model_card_signed_with_them(finetuned):
+    """finish() writes README.md (finetune/model_card.py) after the held-out evaluation and
+    lists it in finetune.json's checksums; the reload and registry tests read this folder."""
+    from huggingface_hub import ModelCard
+
+    from pretrain.artifacts import verify_checksums
+
+    adapters = finetuned / "adapters"
+    assert "README.md" in json.loads((adapters / "finetune.json").read_text())["checksums"]
+    assert verify_checksums(adapters, "finetune.json") is True
+    card = ModelCard.load(adapters / "README.md")
+    meta = card.data.to_dict()["brainmoe"]
+    top1 = json.loads((finetuned / "eval.json").read_text())["retrieval"]["report"]["top1"]
+    assert meta["tasks"] == ["retrieval", "image", "text"]
+    assert meta["evaluation"]["retrieval"]["metrics"]["top1"]["model"] == top1["value"]
+    assert meta["evaluation"]["retrieval"]["metrics"]["top1"]["controls"] == {
+        "shuffled": top1["control"]
+    }
+    assert "| retrieval top-1" in card.text and "prior" in card.text
+
+
 def test_registry_version_links_to_encoder_version(finetuned, world):
     from mlflow import MlflowClient
 
