@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards import storage
-from shards.reader import list_shards
+from shards.shard_list import list_shards
 
 SPLIT_BY = ("stimulus", "concept")
 

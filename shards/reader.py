@@ -19,14 +19,10 @@ stages. What it guarantees, and why:
 * Epochs. The epoch lives in a `SharedEpoch` (a `multiprocessing.Value`, as in open_clip),
   which DataLoader workers inherit, so `loader.set_epoch(e)` before iterating reaches
   persistent workers too; non-persistent workers read it when they start.
-* Damaged data is skipped, not fatal: an unreadable shard (missing, truncated, garbage)
-  ends that shard with a `ShardReadWarning` naming it, and a shard that ends early without
-  any error (tar cannot tell a cut at a member boundary from the end) is caught by comparing
-  its sample count with sizes.json. A sample that fails to decode is skipped the same way.
-  One bad file in a 10,000-shard corpus must not stop a multi-node run.
-* Object stores. A build folder may be a URL (s3://bucket/corpus, see storage.py); each
-  shard is then opened with fsspec and streamed through webdataset's tar iterator block by
-  block, never downloaded whole, so a worker holds one read block, not one shard.
+* Damaged data is skipped, not fatal: an unreadable shard or a sample that fails to decode
+  is skipped with a `ShardReadWarning`, so one bad file cannot stop a multi-node run; shard
+  URLs on object stores are streamed, never downloaded whole. Both live in
+  shards/sample_stream.py; which shards a source names is resolved in shards/shard_list.py.
 
 Samples and batches (one type from here to the heads): shards/sample.py.
 
@@ -35,31 +31,24 @@ Shape legend: B batch, C channels, T samples.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
-import os
 import random
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shards import storage
-from shards.manifest import SIZES, read_json
-from shards.sample import collate_eeg, decode_sample
-
-Source = str | os.PathLike | Sequence[str | os.PathLike]
-
-
-class ShardReadWarning(UserWarning):
-    """A shard or sample was skipped; its own category so runs can escalate it to an error."""
+from shards.sample import collate_eeg
+from shards.sample_stream import (
+    DecodeSamples,
+    ReadShards,
+    ShardReadWarning,  # noqa: F401  (re-exported: callers escalate it)
+)
+from shards.shard_list import ShardSet, Source, list_shards
 
 
 @dataclass
@@ -92,109 +81,6 @@ class ReaderConfig:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
         if self.prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
-
-
-# ---------------------------------------------------------------------------------------
-# Which shards
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """Shard URLs in reading order, with their sample counts where a sizes.json knows them."""
-
-    urls: list[str]
-    sizes: dict[str, int | None] = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int | None:
-        counts = [self.sizes.get(u) for u in self.urls]
-        return None if any(c is None for c in counts) else sum(counts)
-
-
-def _is_url(text: str) -> bool:
-    return "://" in text or text.startswith("pipe:")
-
-
-def _build_dir_shards(path: storage.Target) -> dict[str, int]:
-    sizes_path = storage.join(path, SIZES)
-    present = storage.list_sizes(path)  # one listing, not a request per shard
-    if SIZES not in present:
-        raise ValueError(
-            f"{path} has no {SIZES}: is it a finished `brainmoe shards build` output? "
-            "(pass shard paths explicitly to read shards without one)"
-        )
-    try:
-        sizes = read_json(sizes_path)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{sizes_path} is unreadable: {err}") from None
-    if not isinstance(sizes, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in sizes.items()
-    ):
-        raise ValueError(f"{sizes_path} must map shard file names to sample counts")
-    if not sizes:
-        raise ValueError(f"{path} holds no shards ({SIZES} is empty)")
-    missing = sorted(name for name in sizes if name not in present)
-    if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} shard(s) listed in {SIZES} are missing, e.g. {missing[0]} "
-            "(an incomplete copy?)"
-        )
-    # Sorted names, so the order (and hence the shuffle) does not depend on JSON key order.
-    return {str(storage.join(path, name)): sizes[name] for name in sorted(sizes)}
-
-
-def _sizes_beside(shard: str) -> int | None:
-    """open_clip's convention: a shard's count may come from a sizes.json in its folder."""
-    if storage.is_uri(shard):
-        folder, name = shard.rsplit("/", 1)
-    else:
-        folder, name = Path(shard).parent, Path(shard).name
-    sizes_path = storage.join(folder, SIZES)
-    if not storage.isfile(sizes_path):
-        return None
-    try:
-        value = read_json(sizes_path).get(name)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return value if isinstance(value, int) else None
-
-
-def list_shards(source: Source) -> ShardSet:
-    """Resolve build dirs, shard paths, URLs or brace patterns into one ordered shard list.
-
-    Bad inputs raise ValueError here, in the launching process, rather than surfacing as an
-    empty epoch (or a hang) on some rank later.
-    """
-    items = [source] if isinstance(source, str | os.PathLike) else list(source)
-    if not items:
-        raise ValueError("no shards given: pass a build dir, shard paths or URLs")
-    sizes: dict[str, int | None] = {}
-    for item in items:
-        text = os.fspath(item)
-        if storage.is_uri(text) and "{" not in text and not text.endswith(".tar"):
-            if not storage.isdir(text):
-                raise ValueError(f"{text} does not exist (expected a build folder URL)")
-            found: dict[str, int | None] = dict(_build_dir_shards(text.rstrip("/")))
-        elif not _is_url(text) and Path(text).is_dir():
-            found = dict(_build_dir_shards(Path(text)))
-        else:
-            found = {}
-            for url in wds.shardlists.expand_urls(text):
-                if storage.is_uri(url):
-                    if not storage.isfile(url):
-                        raise ValueError(f"{url} does not exist (expected a .tar shard)")
-                    found[url] = _sizes_beside(url)
-                elif _is_url(url):
-                    found[url] = None
-                elif not Path(url).is_file():
-                    raise ValueError(f"{url} does not exist (expected a build dir or a .tar shard)")
-                else:
-                    found[url] = _sizes_beside(url)
-        for url, count in found.items():
-            if url in sizes:
-                raise ValueError(f"shard {url} is listed twice")
-            sizes[url] = count
-    return ShardSet(urls=list(sizes), sizes=sizes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,7 +125,8 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
 
 
 # ---------------------------------------------------------------------------------------
-# Pipeline stages (module-level and picklable, so spawn-started workers can rebuild them)
+# Pipeline stages that order and split the stream (module-level and picklable, so
+# spawn-started workers can rebuild them); those that read bytes: sample_stream.py
 
 
 class ShuffleShards(wds.PipelineStage):
@@ -292,54 +179,6 @@ class ResampleShards(torch.utils.data.IterableDataset):
             yield {"url": self.urls[rng.randrange(len(self.urls))]}
 
 
-class ReadShards(wds.PipelineStage):
-    """Tar members -> raw samples, one shard at a time, so a damaged shard is attributed
-    by name and skipped without losing the shards after it (webdataset's handlers only see
-    the exception, whose arguments name the shard inconsistently).
-
-    Many failures in a row mean the corpus, not a shard, is broken (a lost mount): that
-    raises, since in resampled mode it would otherwise spin forever, stalling every rank.
-    """
-
-    def __init__(self, sizes: dict[str, int | None], max_failures_in_a_row: int = 100):
-        self.sizes, self.max_failures = sizes, max_failures_in_a_row
-
-    def run(self, src: Iterable[dict]) -> Iterator[dict]:
-        failures = 0  # shards in a row that gave no sample although they should have
-        for shard in src:
-            if failures >= self.max_failures:
-                raise RuntimeError(
-                    f"{failures} shards in a row could not be read (see the warnings): "
-                    "is the corpus still there?"
-                )
-            url = shard["url"]
-            expected = self.sizes.get(url)
-            count = 0
-            try:
-                # fsspec streams URLs (s3://...); pipe: and paths keep webdataset's opener
-                stream = storage.open_read(url) if storage.is_uri(url) else wds.gopen(url)
-            except Exception as err:
-                _warn(f"skipping shard {url}: cannot open it: {_describe(err)}")
-                failures += 1
-                continue
-            try:
-                files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-                for sample in group_by_keys(files):
-                    count += 1
-                    yield sample
-            except Exception as err:
-                _warn(f"skipping the rest of shard {url} after {count} sample(s): {_describe(err)}")
-            else:
-                if expected is not None and count != expected:
-                    _warn(
-                        f"shard {url} held {count} sample(s) but {SIZES} says {expected}: "
-                        "truncated, or a stale sizes.json?"
-                    )
-            finally:
-                stream.close()
-            failures = 0 if count or expected == 0 else failures + 1
-
-
 class ShuffleSamples(wds.PipelineStage):
     """A sample buffer per worker; its stream differs per (rank, worker) -- identical
     streams would correlate what the ranks see -- and is reproducible from the seed."""
@@ -352,45 +191,6 @@ class ShuffleSamples(wds.PipelineStage):
         worker, _ = _worker()
         rng = _rng("samples", self.seed, self.epoch.get_value(), self.rank, worker)
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(iter(src))
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, ShardReadWarning, stacklevel=2)
-
-
-def _describe(err: Exception) -> str:
-    # webdataset appends the stream and URL to exception args; the first one is the message.
-    return f"{type(err).__name__}: {err.args[0] if err.args else ''}"
-
-
-class DecodeSamples(wds.PipelineStage):
-    """Raw samples -> arrays; a sample that fails to decode (or holds NaN/inf) is skipped
-    with a warning. Many in a row mean the corpus is broken, not a sample: that raises,
-    since in resampled mode a corpus without one good sample would otherwise spin forever."""
-
-    def __init__(self, max_failures_in_a_row: int = 1000):
-        self.max_failures = max_failures_in_a_row
-
-    def run(self, src: Iterable[dict]) -> Iterator[dict]:
-        failures = 0
-        for raw in src:
-            try:
-                sample = decode_sample(raw)
-            except Exception as err:
-                _warn(
-                    f"skipping sample {raw.get('__key__')} of shard {raw.get('__url__')}: "
-                    f"{_describe(err)}"
-                )
-                failures += 1
-                if failures >= self.max_failures:
-                    raise RuntimeError(
-                        f"{failures} samples in a row could not be used (last: "
-                        f"{_describe(err)}): the corpus is broken; check it with "
-                        "`brainmoe shards verify` and rebuild it"
-                    ) from err
-                continue
-            failures = 0
-            yield sample
 
 
 # ---------------------------------------------------------------------------------------

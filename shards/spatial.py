@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.reader import ReaderConfig, Source, make_loader
+from shards.reader import ReaderConfig, make_loader
+from shards.shard_list import Source
 
 # Bin edges in metres: neighbours on a dense cap (2-4 cm) up to across the head (>12 cm).
 DEFAULT_EDGES_M = (0.02, 0.04, 0.06, 0.08, 0.12, 0.16)
