@@ -39,6 +39,14 @@ def add_launch_arguments(parser: argparse.ArgumentParser, configs: str) -> None:
     parser.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
     parser.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
     parser.add_argument(
+        "--node-rank",
+        type=int,
+        help="multi-node without ssh: this node's index in --hostfile; every node runs the same "
+        "command with its own --node-rank (e.g. srun, one task per node: "
+        "cluster/slurm/deepspeed.sbatch) and the same --master-addr/--master-port",
+    )
+    parser.add_argument("--master-addr", help="with --node-rank: the address of node 0")
+    parser.add_argument(
         "--num-workers", type=int, help="--launcher ray: training workers (sets ray.num_workers)"
     )
     parser.add_argument(
@@ -61,6 +69,19 @@ def check_launch_arguments(args: argparse.Namespace) -> int:
         raise ValueError("--num-gpus and --num-nodes must be at least 1")
     if args.num_nodes > 1 and not args.hostfile:
         raise ValueError("--num-nodes > 1 needs --hostfile listing the nodes")
+    node_rank, master_addr = getattr(args, "node_rank", None), getattr(args, "master_addr", None)
+    if node_rank is not None:
+        if args.num_nodes < 2:
+            raise ValueError("--node-rank is for multi-node runs: give --num-nodes and --hostfile")
+        if not 0 <= node_rank < args.num_nodes:
+            raise ValueError(f"--node-rank {node_rank} must be in 0..{args.num_nodes - 1}")
+        if not master_addr or not getattr(args, "master_port", None):
+            raise ValueError(
+                "--node-rank needs --master-addr and --master-port: every node must meet node 0 "
+                "at the same address and port (a free port picked per node would not agree)"
+            )
+    elif master_addr:
+        raise ValueError("--master-addr goes with --node-rank (multi-node without ssh)")
     if getattr(args, "launcher", "deepspeed") == "deepspeed":
         ray_only = [
             flag
@@ -81,6 +102,9 @@ def launch_command(args: argparse.Namespace, run_py: Path) -> list[str]:
     cmd = [str(launcher) if launcher.exists() else "deepspeed"]
     if args.hostfile:
         cmd += ["--hostfile", args.hostfile, "--num_nodes", str(args.num_nodes)]
+        if getattr(args, "node_rank", None) is not None:  # this node's ranks only, no ssh/pdsh
+            cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
+            cmd += ["--master_addr", args.master_addr]
     else:  # one node: the ranks meet on 127.0.0.1, not on an address other machines reach
         cmd += ["--master_addr", "127.0.0.1"]
     cmd += ["--num_gpus", str(args.num_gpus), "--master_port", str(args.master_port or free_port())]

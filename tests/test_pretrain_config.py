@@ -156,6 +156,39 @@ def test_launch_command_for_one_node_and_for_a_hostfile(tmp_path):
     assert cmd[-3:] == [str(RUN_PY), "--config", TINY]
 
 
+def test_node_rank_launches_this_nodes_ranks_without_ssh(tmp_path, capsys):
+    """--node-rank: each node runs DeepSpeed's launcher for its own ranks (`--no_ssh`), all
+    meeting node 0 at one address and port; what cannot agree is refused before launching."""
+    from cluster.cli import build_parser
+    from cluster.deepspeed_launch import launch_command
+    from pretrain.cli import RUN_PY
+
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node1 slots=2\nnode2 slots=2\n")
+    multi = ["pretrain", "--hostfile", str(hosts), "--num-nodes", "2", "--num-gpus", "2"]
+    args = build_parser().parse_args(
+        [*multi, "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"]
+    )
+    cmd = launch_command(args, RUN_PY)
+    assert cmd[1:10] == [
+        *["--hostfile", str(hosts), "--num_nodes", "2", "--no_ssh", "--node_rank", "1"],
+        *["--master_addr", "10.0.0.1"],
+    ]
+    assert cmd[cmd.index("--master_port") + 1] == "29500"
+    for extra, message in [
+        (
+            ["--node-rank", "1", "--master-addr", "10.0.0.1"],
+            "needs --master-addr and --master-port",
+        ),
+        (["--node-rank", "2", "--master-addr", "a", "--master-port", "1"], "must be in 0..1"),
+        (["--master-addr", "10.0.0.1"], "--master-addr goes with --node-rank"),
+    ]:
+        assert brainmoe([*multi, "--config", TINY, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert brainmoe(["pretrain", "--node-rank", "0", "--config", TINY]) == 2
+    assert "--node-rank is for multi-node runs" in capsys.readouterr().err
+
+
 def test_multi_node_needs_a_hostfile(capsys):
     assert brainmoe(["pretrain", "--num-nodes", "2", "--config", TINY]) == 2
     assert "--num-nodes > 1 needs --hostfile" in capsys.readouterr().err

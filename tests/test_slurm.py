@@ -81,11 +81,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={dir}/munge.socket
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -97,8 +97,9 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=600
 MailProg=/bin/true
-NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+NodeName={host} NodeAddr=127.0.0.1 Port={slurmd_port} CPUs=2 State=UNKNOWN
+NodeName={host}-2 NodeHostname={host} NodeAddr=127.0.0.1 Port={slurmd_port2} CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes={host},{host}-2 Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -160,12 +161,18 @@ def slurm(tmp_path_factory):
     bins = _need_slurm()
     # short: munge's socket path must fit a sockaddr_un
     folder = Path(tmp_path_factory.mktemp("slurm", numbered=True))
-    for sub in ("state", "spool"):
-        (folder / sub).mkdir()
     host = socket.gethostname()
+    for sub in ("state", f"spool-{host}", f"spool-{host}-2"):
+        (folder / sub).mkdir()
     cluster = Slurm(folder, bins)
     cluster.conf.write_text(
-        SLURM_CONF.format(host=host, dir=folder, ctld_port=free_port(), slurmd_port=free_port())
+        SLURM_CONF.format(
+            host=host,
+            dir=folder,
+            ctld_port=free_port(),
+            slurmd_port=free_port(),
+            slurmd_port2=free_port(),
+        )
     )
     key = folder / "munge.key"
     cluster.run("mungekey", "--create", f"--keyfile={key}")
@@ -205,13 +212,16 @@ def slurm(tmp_path_factory):
             procs,
             cluster,
         )
-        start(bins["slurmd"], "-D", "-f", str(cluster.conf), log="slurmd.out.log")
+        # two nodes on this machine (Debian's slurmd is built with multiple-slurmd support):
+        # one per slurmd, each on its own port; both reached at 127.0.0.1
+        for node in (host, f"{host}-2"):
+            start(bins["slurmd"], "-D", "-N", node, "-f", str(cluster.conf), log=f"{node}.out.log")
 
-        def node_idle() -> bool:
-            state = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout
-            return state.strip().rstrip("*") == "idle"
+        def nodes_idle() -> bool:
+            states = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            return len(states) == 2 and all(s.rstrip("*") == "idle" for s in states)
 
-        _wait_for("slurmd (node idle)", node_idle, procs, cluster)
+        _wait_for("slurmd (both nodes idle)", nodes_idle, procs, cluster)
         yield cluster
     finally:
         with contextlib.suppress(Exception):
@@ -274,7 +284,7 @@ def test_deepspeed_sbatch_pretrains(slurm, corpus, tmp_path):
         f"data.shards=[{corpus}]",
         f"train.run_dir={run_dir}",
         *SCHEDULE,
-        options=("--nodes=1", "--ntasks-per-node=2"),
+        options=("--nodes=1", "--ntasks-per-node=2", f"--nodelist={socket.gethostname()}"),
         env={"BRAINMOE_HOSTFILE": str(hostfile)},
     )
     assert job["JobState"] == "COMPLETED", f"{job}\n{log[-6000:]}\n{slurm.logs()}"
@@ -287,6 +297,37 @@ def test_deepspeed_sbatch_pretrains(slurm, corpus, tmp_path):
     assert checkpoint.is_dir(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert problem(checkpoint) is None, problem(checkpoint)
     assert "dist_world_size=2" in log, log[-3000:]  # DeepSpeed's launcher: both ranks ran
+
+
+def test_deepspeed_sbatch_spans_two_nodes_without_ssh(slurm, corpus, tmp_path):
+    """Two Slurm nodes (two slurmd on this machine), one rank each: srun starts one DeepSpeed
+    launcher per node (`--no_ssh --node_rank`), the ranks meet node 0 at its NodeAddr, and
+    the run trains and checkpoints as on one node -- no ssh or pdsh anywhere."""
+    run_dir = tmp_path / "run"
+    host = socket.gethostname()
+    job_id, job, log = sbatch(
+        slurm,
+        "deepspeed.sbatch",
+        "--config",
+        TINY,
+        f"data.shards=[{corpus}]",
+        f"train.run_dir={run_dir}",
+        *SCHEDULE,
+        options=("--nodes=2", "--ntasks-per-node=1"),
+        env={"GLOO_SOCKET_IFNAME": "lo"},  # both "nodes" are this machine: stay on loopback
+    )
+    assert job["JobState"] == "COMPLETED", f"{job}\n{log[-8000:]}\n{slurm.logs()}"
+    assert job["NodeList"] == f"{host},{host}-2" or job["NodeList"] == f"{host}{{,-2}}", job
+    assert "2 node(s) x 1 rank(s)" in log, log[-3000:]
+    assert f"rendezvous: node 0 ({host}) at 127.0.0.1:" in log, log[-3000:]
+    for rank in (0, 1):  # DeepSpeed's per-node launcher, started once on each node
+        assert f"--node_rank={rank}" in log, log[-6000:]
+    assert "pdsh" not in log and "ssh -o" not in log, log[-6000:]
+    assert "dist_world_size=2" in log, log[-3000:]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [10, 20], history
+    checkpoint = run_dir / "checkpoints" / tag_for(STEPS)
+    assert problem(checkpoint) is None, problem(checkpoint)
 
 
 def ray_processes(job_id: str) -> list[str]:
@@ -318,7 +359,7 @@ def test_ray_sbatch_pretrains_and_stops_ray(slurm, corpus, tmp_path):
         *SCHEDULE,
         f"ray.storage_path={tmp_path / 'store'}",
         "ray.resources_per_worker={CPU: 1}",
-        options=("--nodes=1",),
+        options=("--nodes=1", f"--nodelist={socket.gethostname()}"),
         env={
             "BRAINMOE_RAY_PORT": str(ports["port"]),
             # fixed defaults (8265, 52365) another Ray on this machine may hold
