@@ -19,7 +19,6 @@ and a Hub push or download carry it like any other file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -287,15 +286,11 @@ def write_model_card(
     checksums (the other files' digests kept as recorded). ``scores``: the run's eval.json;
     ``kwargs``: see :func:`build_model_card`."""
     from finetune.model import META_FILE, REMEDY
-    from pretrain.artifacts import CHECKSUMS_KEY, checksums, read_json
+    from pretrain.artifacts import add_checksums, read_json
 
     folder = Path(folder)
-    meta_path = folder / META_FILE
-    meta = read_json(meta_path, REMEDY)
+    meta = read_json(folder / META_FILE, REMEDY)
     path = folder / CARD_FILE
     build_model_card(meta, scores, **kwargs).save(path)
-    sums = meta.get(CHECKSUMS_KEY)
-    if isinstance(sums, dict) and sums:  # a folder saved before checksums stays unverified
-        sums.update(checksums(folder, [CARD_FILE]))
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")  # as write_checksums writes it
+    add_checksums(folder, [CARD_FILE], META_FILE)  # a folder saved unsigned stays so
     return path

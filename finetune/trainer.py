@@ -139,7 +139,9 @@ class FinetuneTrainer(Trainer):
 
     def finish(self, tracker: Tracker) -> dict[str, Any]:
         from finetune.evaluate import evaluate
+        from finetune.model import META_FILE
         from finetune.model_card import write_model_card
+        from pretrain.artifacts import add_checksums
 
         result: dict[str, Any] = {"step": self.state.step, "run_dir": str(self.run_dir)}
         model = self.engine.module
@@ -148,6 +150,8 @@ class FinetuneTrainer(Trainer):
             out = self.run_dir / "adapters"
             model.save_adapters(out, self.meta())
             self.prep.stimuli.save(out / "stimuli.json")  # for generate's contact sheet
+            # signed too: verified on load, pushed to and fetched from the Hub with the rest
+            add_checksums(out, ["stimuli.json"], META_FILE)
             tracker.log_artifact(self.run_dir / "config.yaml")
             tracker.log_artifact(self.run_dir / "split.json")
             self.save_reference(model)

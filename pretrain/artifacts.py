@@ -78,6 +78,21 @@ def write_checksums(
     return sums
 
 
+def add_checksums(folder: str | Path, files: list[str], meta_file: str) -> bool:
+    """Add the digests of ``files``, written after the folder was signed, to its metadata
+    JSON; the recorded digests of the other files are kept, never recomputed (a file damaged
+    in between is not re-signed as valid). A folder that records no checksums stays
+    unverified: -> False."""
+    path = Path(folder) / meta_file
+    meta = json.loads(path.read_text())
+    sums = meta.get(CHECKSUMS_KEY)
+    if not isinstance(sums, dict) or not sums:
+        return False
+    sums.update(checksums(folder, files))
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return True
+
+
 def verify_checksums(
     folder: str | Path, meta_file: str | None = None, remedy: str = DEFAULT_REMEDY
 ) -> bool:

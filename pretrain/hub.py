@@ -16,6 +16,7 @@ in two calls that can see two different commits.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -161,17 +162,25 @@ def push_folder(
         raise ValueError(f"{folder} is not a brainmoe encoder folder (config.json model_type)")
     if not verify_checksums(folder, meta_file, "save or export the folder again"):
         raise ValueError(f"{folder} records no checksums: save or export it again to push it")
-    files = sorted({meta_file, CARD_FILE, *meta["checksums"]})
+    from huggingface_hub import CommitOperationAdd
+
+    card = {CARD_FILE} if (folder / CARD_FILE).is_file() else set()
+    files = sorted((set(meta["checksums"]) | card) - {meta_file})
+    operations = [CommitOperationAdd(f, str(folder / f)) for f in files]
+    if meta_file == FINETUNE_FILE:
+        public = json.dumps(public_finetune_meta(meta), indent=1, default=str) + "\n"
+        operations.append(CommitOperationAdd(meta_file, public.encode()))
+    else:  # an encoder's config.json goes as written (lineage.json is not in its checksums)
+        operations.append(CommitOperationAdd(meta_file, str(folder / meta_file)))
     api = HfApi(token=token)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
+        info = api.create_commit(
             repo_id=repo.repo_id,
-            folder_path=folder,
-            allow_patterns=files,
+            operations=operations,
             revision=revision,
             create_pr=create_pr,
-            commit_message=commit_message or f"brainmoe: {folder.name} ({len(files)} files)",
+            commit_message=commit_message or f"brainmoe: {folder.name} ({len(operations)} files)",
         )
     except Exception as err:  # HTTP, auth and connection errors of whichever client
         raise ValueError(
@@ -179,6 +188,17 @@ def push_folder(
             f"{type(err).__name__}: {err}"
         ) from err
     return str(getattr(info, "commit_url", info))
+
+
+def public_finetune_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a pushed finetune output's finetune.json shows: the saved one without
+    its ``lineage`` (tracking server, storage paths, run ids) and its config's ``tracking``
+    section, as an encoder export keeps lineage.json local. Neither is read when loading, and
+    the checksums (of the other files) are unchanged."""
+    public = {k: v for k, v in meta.items() if k != "lineage"}
+    if isinstance(public.get("config"), dict):
+        public["config"] = {k: v for k, v in public["config"].items() if k != "tracking"}
+    return public
 
 
 def push_encoder(

@@ -192,7 +192,8 @@ def test_adapters_carry_a_model_card_signed_with_them(finetuned):
     from pretrain.artifacts import verify_checksums
 
     adapters = finetuned / "adapters"
-    assert "README.md" in json.loads((adapters / "finetune.json").read_text())["checksums"]
+    signed = json.loads((adapters / "finetune.json").read_text())["checksums"]
+    assert "README.md" in signed and "stimuli.json" in signed  # both written after saving
     assert verify_checksums(adapters, "finetune.json") is True
     card = ModelCard.load(adapters / "README.md")
     meta = card.data.to_dict()["brainmoe"]

@@ -17,7 +17,7 @@ import torch
 from finetune.config import FinetuneConfig
 from finetune.metrics import report
 from finetune.model_card import build_model_card, evaluation, write_model_card
-from pretrain.artifacts import ArtifactError, verify_checksums
+from pretrain.artifacts import ArtifactError, verify_checksums, write_checksums
 from pretrain.config import load_run_config
 from shards.build import BuildConfig, build
 from shards.config import load_config
@@ -249,3 +249,33 @@ def test_card_is_signed_by_finetune_json_and_the_folder_reloads(corpus, tmp_path
     path.write_text(path.read_text().replace("0.500", "0.900"))
     with pytest.raises(ArtifactError, match="README.md"):
         verify_checksums(folder, "finetune.json")
+
+
+def test_what_a_push_shows_of_finetune_json_and_a_late_file_signed(corpus, tmp_path):
+    """The pushed finetune.json leaves out the run's lineage (tracking server, storage
+    paths) and the config's tracking section; it still builds the heads, and a file written
+    after saving (stimuli.json) joins the checksums without re-signing the others."""
+    from finetune.generate import _config_values
+    from pretrain.artifacts import add_checksums
+    from pretrain.hub import public_finetune_meta
+
+    meta = run_meta(corpus[0], tmp_path)
+    meta["lineage"] = {"tracking_uri": "http://10.0.0.5:5000", "step": 3}
+    meta["config"]["tracking"] = {"tracking_uri": "http://10.0.0.5:5000"}
+    public = public_finetune_meta(meta)
+    assert "lineage" not in public and "tracking" not in public["config"]
+    assert "10.0.0.5" not in json.dumps(public, default=str)
+    assert meta["lineage"] and meta["config"]["tracking"]  # the local copy keeps them
+    assert _config_values(public["config"]) == _config_values(meta["config"])
+
+    folder = tmp_path / "signed"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"weights")
+    (folder / "finetune.json").write_text("{}")
+    write_checksums(folder, ["a.bin"], "finetune.json")
+    (folder / "stimuli.json").write_text('{"stimuli": []}')
+    assert add_checksums(folder, ["stimuli.json"], "finetune.json") is True
+    sums = json.loads((folder / "finetune.json").read_text())["checksums"]
+    assert set(sums) == {"a.bin", "stimuli.json"} and verify_checksums(folder, "finetune.json")
+    (folder / "unsigned.json").write_text("{}")
+    assert add_checksums(folder, [], "unsigned.json") is False  # never signed: stays so
