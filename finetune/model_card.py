@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.model_card_eval import TASK_TYPES, eval_results, eval_text, evaluation
-from pretrain.model_card import PRIVATE_CONFIG, _channels, _merge, summarise_manifest, training_data
+from pretrain.model_card import (
+    PRIVATE_CONFIG,
+    _merge,
+    summarise_manifest,
+    training_data,
+    training_data_lines,
+)
 
 CARD_FILE = "README.md"  # pretrain.hub.CARD_FILE: what a Hub push/download carries
 TAGS = ["eeg", "bci", "brain-computer-interface", "neuroscience", "brain-decoding", "lora",
@@ -160,28 +166,7 @@ def _encoder_text(encoder: dict[str, Any]) -> list[str]:
 def _data_text(corpora: dict[str, dict[str, Any]], data: dict[str, Any]) -> list[str]:
     if not corpora:
         return ["Not recorded (finetune.json names no shard folders)."]
-    lines = [
-        f"{data['hours']:.2f} hours of EEG windows from {data['subjects']} subjects "
-        f"({data['recordings']} recordings), before the held-out split:",
-        "",
-        "| dataset | subjects | recordings | windows | hours | channels |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for ds, row in data["datasets"].items():
-        lines.append(
-            f"| {ds} | {row['subjects']} | {row['recordings']} | {row['windows']} | "
-            f"{row['hours']:.2f} | {_channels(row['channels'])} |"
-        )
-    lines.append("")
-    for corpus, summary in corpora.items():
-        detail = summary.get("note") or (
-            f"{summary['window_s']:g} s windows at {summary['sfreq']} Hz, band "
-            f"{summary['band_hz'][0]}-{summary['band_hz'][1]} Hz"
-        )
-        if summary.get("unchecked"):
-            detail += " (not checked against the run: it recorded no sha256)"
-        lines.append(f"- `{corpus}`: {detail}")
-    return lines
+    return training_data_lines(corpora, data, ", before the held-out split")
 
 
 def build_model_card(

@@ -202,6 +202,35 @@ def _eval_text(ev: dict[str, Any]) -> list[str]:
     return lines
 
 
+def training_data_lines(
+    corpora: dict[str, dict[str, Any]], data: dict[str, Any], scope: str = ""
+) -> list[str]:
+    """The card's training-data section: totals, a row per dataset, a line per corpus folder
+    (``scope`` is said after the totals, e.g. that a held-out split came later)."""
+    lines = [
+        f"{data['hours']:.2f} hours of EEG windows from {data['subjects']} subjects "
+        f"({data['recordings']} recordings){scope}:",
+        "",
+        "| dataset | subjects | recordings | windows | hours | channels |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for ds, row in data["datasets"].items():
+        lines.append(
+            f"| {ds} | {row['subjects']} | {row['recordings']} | {row['windows']} | "
+            f"{row['hours']:.2f} | {_channels(row['channels'])} |"
+        )
+    lines.append("")
+    for corpus, summary in corpora.items():
+        detail = summary.get("note") or (
+            f"{summary['window_s']:g} s windows at {summary['sfreq']} Hz, band "
+            f"{summary['band_hz'][0]}-{summary['band_hz'][1]} Hz"
+        )
+        if summary.get("unchecked"):
+            detail += " (not checked against the run: it recorded no sha256)"
+        lines.append(f"- `{corpus}`: {detail}")
+    return lines
+
+
 def build_model_card(
     folder: str | Path,
     evals: Sequence[dict[str, Any]] = (),
@@ -286,25 +315,7 @@ def build_model_card(
     if not corpora:
         lines.append("Not recorded (the folder has no lineage.json with shard manifests).")
     else:
-        lines += [
-            f"{data['hours']:.2f} hours of EEG windows from {data['subjects']} subjects "
-            f"({data['recordings']} recordings):",
-            "",
-            "| dataset | subjects | recordings | windows | hours | channels |",
-            "|---|---:|---:|---:|---:|---|",
-        ]
-        for ds, row in data["datasets"].items():
-            lines.append(
-                f"| {ds} | {row['subjects']} | {row['recordings']} | {row['windows']} | "
-                f"{row['hours']:.2f} | {_channels(row['channels'])} |"
-            )
-        lines.append("")
-        for corpus, summary in corpora.items():
-            detail = summary.get("note") or (
-                f"{summary['window_s']:g} s windows at {summary['sfreq']} Hz, band "
-                f"{summary['band_hz'][0]}-{summary['band_hz'][1]} Hz"
-            )
-            lines.append(f"- `{corpus}`: {detail}")
+        lines += training_data_lines(corpora, data)
     lines += ["", "## Evaluation", ""]
     if not evals:
         lines.append("None given (`brainmoe export --eval results.json`).")
