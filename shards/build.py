@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from shards.manifest import MANIFEST, SIZES, UNITS_DIR, assemble_manifest, read_
 from shards.preprocess import PreprocessConfig
 from shards.recording import fingerprint
 from shards.work_units import finished, plan, run_units
-from shards.writer import remove_partials
+from shards.writer import remove_partials, shard_unit
 
 FORMAT_VERSION = 1
 
@@ -158,9 +157,6 @@ def _build_locked(config: BuildConfig, out: storage.Target) -> dict[str, Any]:
     return manifest
 
 
-_SHARD_NAME = re.compile(r"^(?P<unit>.+)-\d{5}\.tar$")
-
-
 def _remove_stale(out: storage.Target, keep: set[str]) -> None:
     """Units of earlier builds that are no longer asked for lose their shards and reports.
     A build killed between finishing a shard and writing its unit's report leaves a shard no
@@ -175,8 +171,8 @@ def _remove_stale(out: storage.Target, keep: set[str]) -> None:
                 storage.remove(storage.join(out, shard["name"]))
             storage.remove(path)
     for name in sorted(storage.list_sizes(out)):
-        match = _SHARD_NAME.match(name)
-        if match and match["unit"] not in keep:
+        unit = shard_unit(name)
+        if unit is not None and unit not in keep:
             storage.remove(storage.join(out, name))
 
 

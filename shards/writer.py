@@ -63,6 +63,12 @@ def unit_shard_pattern(unit_id: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(unit_id)}-\d{{5}}\.tar({re.escape(PARTIAL)})?$")
 
 
+def shard_unit(name: str) -> str | None:
+    """The unit id of a finished shard's file name `<unit id>-NNNNN.tar`, else None."""
+    match = re.match(r"^(.+)-\d{5}\.tar$", name)
+    return match[1] if match else None
+
+
 def remove_unit_shards(out_dir: storage.Target, unit_id: str) -> None:
     """Delete whatever an earlier, interrupted attempt at this unit left behind (in a local
     folder or an object store)."""
