@@ -46,7 +46,7 @@ from pretrain.channel_vocab import ChannelVocab
 from pretrain.encoder_config import CONFIGS, EncoderConfig, get_config, list_configs
 from pretrain.moe import MoE, SwiGLU
 from pretrain.packing import Packing, make_packing, packed_attention
-from pretrain.spectral import log_spectrum
+from pretrain.spectral import EEG_BANDS_HZ, channel_band_power, log_spectrum
 
 FORMAT_VERSION = 1
 ENCODER_REMEDY = "re-export it (brainmoe export) or re-download it from the registry"
@@ -269,6 +269,7 @@ class Encoder(nn.Module):
         self.spectral_embed = (
             nn.Linear(config.spectral_bands, d) if config.spectral_bands > 0 else None
         )
+        self.channel_band_embed = nn.Linear(len(EEG_BANDS_HZ), d) if config.channel_bands else None
         self.channel_embed = nn.Embedding(len(self.vocab), d)
         self.position_embed = PositionEmbedding(d, config.pos_freqs)
         self.time_embed = nn.Linear(d, d, bias=False)  # over sinusoid(P, D)
@@ -446,6 +447,10 @@ class Encoder(nn.Module):
         tok_pos = inp.ch_pos[:, :, None, :].expand(b, c, p, 3).reshape(b, n, 3)
         tok_known = inp.pos_known[:, :, None].expand(b, c, p).reshape(b, n)
         where = self.position_embeddings(inp).reshape(b, n, cfg.dim)  # [B, N, D]
+        if self.channel_band_embed is not None:  # from seen patches only: nothing hidden leaks
+            bands = channel_band_power(patches, seen, cfg.patch_seconds)  # [B, C, 6]
+            chan = self.channel_band_embed(bands.to(dtype))  # [B, C, D]
+            where = where + chan[:, :, None, :].expand(b, c, p, cfg.dim).reshape(b, n, cfg.dim)
         index = None
         if keep is not None:
             # MAE: hidden patches are dropped here, before any weight touches them

@@ -34,6 +34,11 @@ class EncoderConfig:
     # the pre-norm blocks normalise each token, which hides amplitude from a linear patch
     # embedding alone, and band power is where most EEG labels live
     spectral_bands: int = 0
+    # true: add to every token an embedding of its *channel's* log power in the classic EEG
+    # bands, averaged over the channel's visible patches (pretrain/spectral.py). A token sees
+    # one 1-s patch; the classes of motor imagery and of the simulator sit in band power over
+    # the window, which a linear read-out of one patch's spectrum hardly recovers
+    channel_bands: bool = False
     # Transformer.
     dim: int = 256  # D
     depth: int = 6

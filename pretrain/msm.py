@@ -99,6 +99,13 @@ class MSMConfig:
     # that the encoder need not carry the waveform (their features probe below random-init on
     # MOABB); this loss makes it carry it, while the prediction scored stays the mixed one
     token_weight: float = 0.0
+    # > 0: a *linear* head on the encoder's output tokens predicts each visible patch's own
+    # log band amplitude (``own_spectrum_bands`` log-spaced bands), at this weight. The classes
+    # of motor imagery (and of the simulator) live in band power, which a random-init encoder's
+    # tokens hardly carry (ridge R^2 < 0 on the demo); the raw decoder paths never ask for it.
+    # Linear, so what a frozen-feature probe reads (pooled tokens) holds it linearly too
+    own_spectrum_weight: float = 0.0
+    own_spectrum_bands: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -127,6 +134,10 @@ class MSMConfig:
             raise ValueError(f"mix_heads must be >= 0, got {self.mix_heads}")
         if self.token_weight < 0:
             raise ValueError(f"token_weight must be >= 0, got {self.token_weight}")
+        if self.own_spectrum_weight < 0:
+            raise ValueError(f"own_spectrum_weight must be >= 0, got {self.own_spectrum_weight}")
+        if self.own_spectrum_bands < 1:
+            raise ValueError(f"own_spectrum_bands must be >= 1, got {self.own_spectrum_bands}")
         if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
             raise ValueError(
                 "mix_heads/time_mix/spline_path predict samples: they need target signal or both"
@@ -311,6 +322,9 @@ class MaskedSignalModel(nn.Module):
             nn.init.zeros_(self.spatial_mix.gate.bias)  # start from the spline alone
         raw_paths = config.mix_heads or config.time_mix or config.spline_path
         self.token_head = nn.Linear(d, enc.patch_len) if raw_paths and config.token_weight else None
+        self.own_spectrum_head = (
+            nn.Linear(enc.dim, config.own_spectrum_bands) if config.own_spectrum_weight else None
+        )
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
@@ -442,6 +456,9 @@ class MaskedSignalModel(nn.Module):
             mse = mse + weight * out["mse_spectrum"]
             if "pred" not in out:  # plots and callers read pred/target
                 out["pred"], out["target"] = out["pred_spectrum"], out["target_spectrum"]
+        if self.own_spectrum_head is not None:
+            out["mse_own_spectrum"] = self.own_spectrum_loss(enc, visible)
+            mse = mse + self.config.own_spectrum_weight * out["mse_own_spectrum"]
         out.update(
             loss=mse + enc.aux_loss,
             mse=mse,
@@ -455,6 +472,20 @@ class MaskedSignalModel(nn.Module):
             out["expert_counts"] = enc.expert_counts
             out["expert_imbalance"] = load_imbalance(enc.expert_counts)
         return out
+
+    def own_spectrum_loss(self, enc, visible: Tensor) -> Tensor:
+        """MSE of the linear read-out of each encoded visible token against its own patch's log
+        band amplitude (`[B, C, P, F]`), over the visible valid patches."""
+        b = visible.shape[0]
+        target = log_spectrum(enc.patches, self.config.own_spectrum_bands)  # [B, C, P, F]
+        target = target.reshape(b, -1, target.shape[-1])  # [B, N, F]
+        seen = visible.reshape(b, -1)  # [B, N]
+        if enc.index is not None:  # only the kept tokens were encoded: [B, Nk, ...]
+            target = target.gather(1, enc.index[..., None].expand(-1, -1, target.shape[-1]))
+            seen = seen.gather(1, enc.index) & enc.valid
+        pred = self.own_spectrum_head(enc.tokens).float()  # [B, N or Nk, F]
+        per_token = (pred - target).pow(2).mean(-1)
+        return (per_token * seen).sum() / seen.sum().clamp_min(1)
 
     def num_parameters(self) -> dict[str, int]:
         """Encoder counts (what is kept after pretraining) plus the decoder side."""

@@ -4,6 +4,7 @@ pretraining on real EEG beats them on a subject it never saw."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,10 +86,12 @@ def test_linear_gap_joins_the_edges():
     assert not linear_gap(None, None, 4).any()
 
 
-def test_encoder_that_sees_only_visible_patches_ignores_hidden_values():
-    """MAE input and window normalisation from visible patches: hidden values cannot leak."""
+@pytest.mark.parametrize("channel_bands", [False, True])
+def test_encoder_that_sees_only_visible_patches_ignores_hidden_values(channel_bands):
+    """MAE input, window normalisation and the channels' band power from visible patches:
+    hidden values cannot leak."""
     torch.manual_seed(0)
-    cfg = get_config("tiny", input_norm="window", spatial_bias=True)
+    cfg = get_config("tiny", input_norm="window", spatial_bias=True, channel_bands=channel_bands)
     enc = Encoder(cfg).eval()
     names = ["Fp1", "Fp2", "C3", "C4", "Cz", "O1", "O2", "Pz"]
     eeg = torch.randn(2, len(names), 800) * 20
@@ -102,6 +105,10 @@ def test_encoder_that_sees_only_visible_patches_ignores_hidden_values():
     out2 = enc.encode(noisy, keep=keep)
     torch.testing.assert_close(out.tokens, out2.tokens)
     torch.testing.assert_close(out.scale, out2.scale)
+    if channel_bands:  # and the band power does reach the tokens
+        louder = enc.prepare({"eeg": eeg.clone(), "ch_names": [names, names]})
+        louder.patches[:, 2] = louder.patches[:, 2] * 3.0  # C3 louder in every patch
+        assert not torch.allclose(enc.encode(louder, keep=keep).tokens, out.tokens)
     assert out.index.shape == out.valid.shape and int(out.valid.sum()) == int(keep.sum())
 
 
@@ -126,6 +133,44 @@ def test_token_loss_reaches_the_encoder_but_not_the_raw_paths():
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="token_weight"):
         MSMConfig(**args, token_weight=-1.0)
+
+
+@pytest.mark.parametrize("encoder_input", ["visible", "all"])
+def test_own_spectrum_loss_scores_the_visible_tokens_against_their_own_patches(encoder_input):
+    """``msm.own_spectrum_weight``: a linear read-out of each encoded visible token is scored
+    against its own patch's log band amplitude; hidden and invalid patches are not scored."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig
+    from pretrain.spectral import log_spectrum
+    from tests.test_encoder_contract import make_batch
+
+    cfg = get_config("tiny", input_norm="window")
+    torch.manual_seed(0)
+    args = dict(encoder=cfg, encoder_input=encoder_input, own_spectrum_bands=8)
+    model = MaskedSignalModel(MSMConfig(**args, own_spectrum_weight=0.5))
+    assert MaskedSignalModel(MSMConfig(encoder=cfg)).own_spectrum_head is None  # off by default
+    batch = make_batch([19, 32], [4.0, 4.0], seed=6)
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["mse"], out["mse_signal"] + 0.5 * out["mse_own_spectrum"])
+
+    # the same figure by hand, from every token of a full (unmasked) encoding
+    inp = model.encoder.prepare(batch)
+    visible = out["valid"] & ~out["mask"]
+    if encoder_input == "visible":
+        enc = model.encoder.encode(inp, keep=visible)
+    else:
+        enc = model.encoder.encode(inp, token_mask=out["mask"], mask_token=model.mask_token)
+    b, c, p = visible.shape
+    tokens = torch.zeros(b, c * p, cfg.dim)
+    index = enc.index if enc.index is not None else torch.arange(c * p).expand(b, -1)
+    tokens = tokens.scatter(1, index[..., None].expand(-1, -1, cfg.dim), enc.tokens.float())
+    pred = model.own_spectrum_head(tokens).view(b, c, p, 8)
+    err = (pred - log_spectrum(enc.patches, 8)).pow(2).mean(-1)
+    expect = (err * visible).sum() / visible.sum()
+    torch.testing.assert_close(out["mse_own_spectrum"], expect, rtol=1e-4, atol=1e-5)
+    out["mse_own_spectrum"].backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="own_spectrum_weight"):
+        MSMConfig(**args, own_spectrum_weight=-1.0)
 
 
 def _build(folder: Path, out: Path, pattern: str) -> Path:
@@ -204,3 +249,21 @@ def test_short_pretraining_beats_classical_baselines_on_an_unseen_subject(tmp_pa
     assert rnd["model"] > rnd["neighbour"], figures
     assert blk["model"] > blk["linear"] and blk["model"] > blk["zero"], figures
     assert Path(result["plot"]).exists()
+
+
+def test_channel_band_power_reads_each_band_from_seen_patches_only():
+    """A 10 Hz sine at one channel lands in the alpha band; unseen patches change nothing."""
+    from pretrain.spectral import EEG_BANDS_HZ, channel_band_power
+
+    t = torch.arange(200) / 200.0
+    patches = torch.zeros(1, 2, 3, 200)
+    patches[0, 0] = torch.sin(2 * math.pi * 10.0 * t)
+    seen = torch.ones(1, 2, 3, dtype=torch.bool)
+    seen[0, 1] = False  # channel 1: nothing seen -> zeros
+    bands = channel_band_power(patches, seen, 1.0)
+    assert bands.shape == (1, 2, len(EEG_BANDS_HZ))
+    assert int(bands[0, 0].argmax()) == 2  # 8-13 Hz
+    assert not bands[0, 1].any()
+    patches[0, 0, 1] = 50.0 * torch.randn(200)  # a loud patch, hidden
+    seen[0, 0, 1] = False
+    torch.testing.assert_close(channel_band_power(patches, seen, 1.0)[0, 0], bands[0, 0])
