@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,14 @@ class MSMConfig:
     # Linear, so what a frozen-feature probe reads (pooled tokens) holds it linearly too
     own_spectrum_weight: float = 0.0
     own_spectrum_bands: int = 16
+    # > 0: a subject classifier reads each window's mean encoder token through a gradient
+    # reversal layer scaled by this (DANN): the classifier learns to tell recordings' subjects
+    # apart, the encoder to make that impossible. Frozen features that decode within a subject
+    # do not transfer across subjects (bench/RESULTS.md, "MOABB"); this asks pretraining for
+    # features without the subject. Subjects come from each sample's provenance, hashed into
+    # ``subject_buckets`` classes
+    subject_adversary: float = 0.0
+    subject_buckets: int = 256
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -136,6 +145,10 @@ class MSMConfig:
             raise ValueError(f"token_weight must be >= 0, got {self.token_weight}")
         if self.own_spectrum_weight < 0:
             raise ValueError(f"own_spectrum_weight must be >= 0, got {self.own_spectrum_weight}")
+        if self.subject_adversary < 0:
+            raise ValueError(f"subject_adversary must be >= 0, got {self.subject_adversary}")
+        if self.subject_buckets < 2:
+            raise ValueError(f"subject_buckets must be >= 2, got {self.subject_buckets}")
         if self.own_spectrum_bands < 1:
             raise ValueError(f"own_spectrum_bands must be >= 1, got {self.own_spectrum_bands}")
         if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
@@ -241,6 +254,26 @@ def make_mask(
 # ---- model -------------------------------------------------------------------------------
 
 
+class GradReverse(torch.autograd.Function):
+    """Identity forward; the gradient times -scale backward (Ganin & Lempitsky's DANN)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return -ctx.scale * grad, None
+
+
+def subject_bucket(meta: Mapping[str, Any], buckets: int) -> int:
+    """A sample's subject (dataset + subject of its provenance) as a stable class index."""
+    prov = (meta or {}).get("provenance") or {}
+    name = f"{prov.get('dataset')}/{prov.get('subject')}"
+    return zlib.crc32(name.encode()) % buckets
+
+
 class Decoder(nn.Module):
     """Encoder tokens `[B, N, D]` -> predictions of every patch `[B, N, out_dim]` (dense,
     narrow)."""
@@ -322,6 +355,13 @@ class MaskedSignalModel(nn.Module):
             nn.init.zeros_(self.spatial_mix.gate.bias)  # start from the spline alone
         raw_paths = config.mix_heads or config.time_mix or config.spline_path
         self.token_head = nn.Linear(d, enc.patch_len) if raw_paths and config.token_weight else None
+        self.subject_head = None
+        if config.subject_adversary:
+            self.subject_head = nn.Sequential(
+                nn.Linear(enc.dim, enc.dim),
+                nn.GELU(),
+                nn.Linear(enc.dim, config.subject_buckets),
+            )
         self.own_spectrum_head = (
             nn.Linear(enc.dim, config.own_spectrum_bands) if config.own_spectrum_weight else None
         )
@@ -459,8 +499,12 @@ class MaskedSignalModel(nn.Module):
         if self.own_spectrum_head is not None:
             out["mse_own_spectrum"] = self.own_spectrum_loss(enc, visible)
             mse = mse + self.config.own_spectrum_weight * out["mse_own_spectrum"]
+        adversary = None
+        if self.subject_head is not None and isinstance(batch, Mapping) and "meta" in batch:
+            adversary = self.subject_loss(enc, batch["meta"])
+            out["subject_ce"] = adversary.detach()
         out.update(
-            loss=mse + enc.aux_loss,
+            loss=mse + enc.aux_loss + (adversary if adversary is not None else 0.0),
             mse=mse,
             aux_loss=enc.aux_loss,
             mask=mask,
@@ -472,6 +516,19 @@ class MaskedSignalModel(nn.Module):
             out["expert_counts"] = enc.expert_counts
             out["expert_imbalance"] = load_imbalance(enc.expert_counts)
         return out
+
+    def subject_loss(self, enc, meta: Sequence[Mapping[str, Any]]) -> Tensor:
+        """Cross-entropy of the subject classifier on each window's mean encoded token, read
+        through a gradient reversal: minimising it trains the classifier and pushes the
+        encoder's tokens away from whatever tells subjects apart."""
+        ids = [subject_bucket(m, self.config.subject_buckets) for m in meta]
+        target = torch.tensor(ids, device=enc.tokens.device)
+        pooled = Encoder.pool(enc.tokens, enc.valid)  # [B, D]
+        # standardised over the batch: pooled tokens share a large common part (cosine ~0.998
+        # between windows, finetune/heads/resampler.py); what tells subjects apart is the rest
+        pooled = (pooled - pooled.mean(0)) / (pooled.float().std(0) + 1e-4).to(pooled.dtype)
+        reversed_ = GradReverse.apply(pooled, self.config.subject_adversary)
+        return F.cross_entropy(self.subject_head(reversed_).float(), target)
 
     def own_spectrum_loss(self, enc, visible: Tensor) -> Tensor:
         """MSE of the linear read-out of each encoded visible token against its own patch's log

@@ -30,7 +30,7 @@ class MSMTrainer(Trainer):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         out = self.engine(batch, generator=generator)
-        parts = {k: v.detach() for k, v in out.items() if k.startswith("mse_")}  # each term
+        parts = {k: v.detach() for k, v in out.items() if k.startswith(("mse_", "subject_"))}
         return {
             "loss": out["loss"],  # mse + aux_loss
             "metrics": {"loss": out["mse"].detach(), "aux_loss": out["aux_loss"].detach(), **parts},

@@ -267,3 +267,36 @@ def test_channel_band_power_reads_each_band_from_seen_patches_only():
     patches[0, 0, 1] = 50.0 * torch.randn(200)  # a loud patch, hidden
     seen[0, 0, 1] = False
     torch.testing.assert_close(channel_band_power(patches, seen, 1.0)[0, 0], bands[0, 0])
+
+
+def test_subject_adversary_trains_its_classifier_and_reverses_the_encoders_gradient():
+    """``msm.subject_adversary``: the subject cross-entropy joins the loss; its gradient
+    reaches the classifier as is and the encoder reversed (scaled), as DANN's does."""
+    from pretrain.msm import GradReverse, MaskedSignalModel, MSMConfig, subject_bucket
+    from tests.test_encoder_contract import make_batch
+
+    x = torch.randn(3, 4, requires_grad=True)
+    GradReverse.apply(x, 0.5).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3, 4), -0.5))
+    meta = [{"provenance": {"dataset": "d", "subject": s}} for s in ("1", "2")]
+    assert subject_bucket(meta[0], 8) == subject_bucket(dict(meta[0]), 8)
+
+    cfg = get_config("tiny", input_norm="window")
+    args = dict(encoder=cfg, encoder_input="visible")
+    assert MaskedSignalModel(MSMConfig(**args)).subject_head is None  # off by default
+    batch = make_batch([19, 32], [4.0, 4.0], seed=6)
+    batch["meta"] = meta
+    grads = {}
+    for scale in (0.5, 1.0):
+        torch.manual_seed(0)
+        model = MaskedSignalModel(MSMConfig(**args, subject_adversary=scale))
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out["loss"], out["mse"] + out["aux_loss"] + out["subject_ce"])
+        ce = model.subject_loss(model.encoder.encode(model.encoder.prepare(batch)), meta)
+        ce.backward()
+        grads[scale] = model.encoder.blocks[-1].attn.qkv.weight.grad.clone()
+        assert model.subject_head[0].weight.grad.abs().sum() > 0
+    # the encoder's gradient scales with the reversal (and flips sign: -scale x dCE/dtokens)
+    torch.testing.assert_close(grads[1.0], 2.0 * grads[0.5], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="subject_adversary"):
+        MSMConfig(**args, subject_adversary=-1.0)
