@@ -145,12 +145,12 @@ class MSMConfig:
             raise ValueError(f"token_weight must be >= 0, got {self.token_weight}")
         if self.own_spectrum_weight < 0:
             raise ValueError(f"own_spectrum_weight must be >= 0, got {self.own_spectrum_weight}")
+        if self.own_spectrum_bands < 1:
+            raise ValueError(f"own_spectrum_bands must be >= 1, got {self.own_spectrum_bands}")
         if self.subject_adversary < 0:
             raise ValueError(f"subject_adversary must be >= 0, got {self.subject_adversary}")
         if self.subject_buckets < 2:
             raise ValueError(f"subject_buckets must be >= 2, got {self.subject_buckets}")
-        if self.own_spectrum_bands < 1:
-            raise ValueError(f"own_spectrum_bands must be >= 1, got {self.own_spectrum_bands}")
         if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
             raise ValueError(
                 "mix_heads/time_mix/spline_path predict samples: they need target signal or both"

@@ -32,6 +32,15 @@ def band_matrix(n_bins: int, n_bands: int) -> Tensor:
 EEG_BANDS_HZ = ((1.0, 4.0), (4.0, 8.0), (8.0, 13.0), (13.0, 20.0), (20.0, 30.0), (30.0, 45.0))
 
 
+@functools.cache
+def hz_band_matrix(n_bins: int, patch_seconds: float) -> Tensor:
+    """`[n_bins, 6]` averaging weights of the rFFT bins (bin k is k / patch_seconds Hz) in
+    each of ``EEG_BANDS_HZ``; built once per patch length, as :func:`band_matrix` is."""
+    hz = torch.arange(n_bins) / patch_seconds
+    weights = torch.stack([((hz >= lo) & (hz < hi)).float() for lo, hi in EEG_BANDS_HZ], dim=1)
+    return weights / weights.sum(0).clamp_min(1.0)
+
+
 def channel_band_power(patches: Tensor, seen: Tensor, patch_seconds: float) -> Tensor:
     """`patches [B, C, P, L]`, `seen [B, C, P]` -> log RMS amplitude of each channel in
     ``EEG_BANDS_HZ``, averaged over its seen patches `[B, C, 6]` float32 (0 for a channel with
@@ -41,13 +50,8 @@ def channel_band_power(patches: Tensor, seen: Tensor, patch_seconds: float) -> T
     x = patches.float()
     x = x - x.mean(-1, keepdim=True)
     power = torch.fft.rfft(x, dim=-1).abs().pow(2) / x.shape[-1]  # [B, C, P, L//2+1]
-    hz = torch.arange(power.shape[-1], device=x.device) / patch_seconds  # bin k -> k / T Hz
-    weights = torch.stack(
-        [((hz >= lo) & (hz < hi)).float() for lo, hi in EEG_BANDS_HZ], dim=1
-    )  # [bins, 6]
-    weights = weights / weights.sum(0).clamp_min(1.0)
     w = seen[..., None].float()  # [B, C, P, 1]
-    per_patch = power @ weights  # [B, C, P, 6]
+    per_patch = power @ hz_band_matrix(power.shape[-1], patch_seconds).to(x.device)  # [B, C, P, 6]
     mean = (per_patch * w).sum(2) / w.sum(2).clamp_min(1.0)  # [B, C, 6]
     out = torch.log(mean.sqrt() + SPECTRUM_FLOOR)
     return out * seen.any(2)[..., None].float()
