@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint
+from pretrain.cpu_comm import release_allreduce_segment
 from pretrain.ds_config import deepspeed_config
 from pretrain.tracking import Tracker, git_commit, tracking_uri
 from shards.config import flatten, to_dict, to_yaml
@@ -137,6 +138,8 @@ class Trainer:
         backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
         # under Ray Train the process group exists already: DeepSpeed adopts it
         deepspeed.init_distributed(dist_backend=backend)
+        if backend == "gloo":
+            release_allreduce_segment()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.checkpoints = checkpoints or SharedCheckpoints()
         self.validate(self.world)

@@ -43,15 +43,22 @@ def launch(run_dir: Path, corpus: Path, *overrides: str, gpus: int = 2, timeout:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK")}
     env["DS_ACCELERATOR"] = "cpu"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    cmd = [*BRAINMOE, "pretrain", "--num-gpus", str(gpus), "--master-port", str(free_port())]
+    port = free_port()
+    cmd = [*BRAINMOE, "pretrain", "--num-gpus", str(gpus), "--master-port", str(port)]
     cmd += ["--config", TINY, f"data.shards=[{corpus}]", f"train.run_dir={run_dir}", *overrides]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result.port = port
     return result
 
 
 def must_succeed(result) -> str:
+    """The command exited 0, and a launch left none of DeepSpeed's CPU all-reduce segments in
+    /dev/shm (each ~69 MB of RAM until reboot: pretrain/cpu_comm.py)."""
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
+    if hasattr(result, "port"):
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{result.port}_*"))
+        assert not left, f"shared memory left behind: {left}"
     return log
 
 
