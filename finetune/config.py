@@ -66,6 +66,9 @@ class EncoderSetup:
     top_blocks: int = 1
     lora_rank: int = 8
     lora_alpha: int = 16
+    # what the heads read: "tokens" (all C x P) or "regions" (one per 10-20 site, 20 in all;
+    # finetune/head_inputs.py says why)
+    heads_read: str = "tokens"
 
 
 @dataclass

@@ -56,8 +56,8 @@ def encode_test(model, cfg, split, pairing, device, dtype, limit: int, noise_see
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if dtype != torch.float32:
             moved["eeg"] = moved["eeg"].to(dtype)
-        enc = model.encoder(moved)
-        out.append((batch, enc.tokens, enc.valid))
+        _, tokens, valid = model.read(moved)
+        out.append((batch, tokens, valid))
         seen += len(batch["key"])
         if seen >= limit:
             break

@@ -170,12 +170,12 @@ def _decode(model, samples, out, num_images, steps, seed, stimuli) -> list[dict[
 
     records = []
     for batch in batches(samples):
-        enc = model.encoder(batch)
+        _, tokens, valid = model.read(batch)
         keys = batch["key"]
         decoded: dict[str, list] = {}  # each head's outputs per window ({} for retrieval)
         for head in model.heads.values():
             decoded.update(
-                head.decode(enc.tokens, enc.valid, num_images=num_images, steps=steps, seed=seed)
+                head.decode(tokens, valid, num_images=num_images, steps=steps, seed=seed)
             )
         captions = decoded.get("caption", [None] * len(keys))
         images = decoded.get("images", [[] for _ in keys])

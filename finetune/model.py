@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from finetune.head_inputs import head_inputs
 from finetune.heads.registry import head_spec
 from pretrain.artifacts import load_safetensors, verify_checksums, write_checksums
-from pretrain.encoder import Encoder
+from pretrain.encoder import Encoder, EncoderOutput
 
 if TYPE_CHECKING:
     from finetune.config import FinetuneConfig
@@ -88,17 +89,29 @@ def build_model(cfg: FinetuneConfig, encoder_dir: str | Path, clip_dim: int) -> 
     encoder = adapt_encoder(encoder, e.train, e.top_blocks, e.lora_rank, e.lora_alpha)
     heads = build_heads(cfg, encoder.config.dim, clip_dim)
     weighting = TaskWeighting(cfg.weighting, list(heads), encoder.config.dim)
-    return MultiTaskModel(encoder, heads, weighting)
+    return MultiTaskModel(encoder, heads, weighting, e.heads_read)
 
 
 class MultiTaskModel(nn.Module):
     """``forward(batch)`` -> {"loss", "losses": {task: scalar}, "weights": {task: float}}."""
 
-    def __init__(self, encoder: Encoder, heads: dict[str, nn.Module], weighting: nn.Module):
+    def __init__(
+        self,
+        encoder: Encoder,
+        heads: dict[str, nn.Module],
+        weighting: nn.Module,
+        heads_read: str = "tokens",
+    ):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
         self.weighting = weighting
+        self.heads_read = heads_read  # finetune/head_inputs.py
+
+    def read(self, batch: dict[str, Any]) -> tuple[EncoderOutput, Tensor, Tensor]:
+        """The encoder on `batch` -> (its output, the heads' tokens [B, N, D], valid [B, N])."""
+        enc = self.encoder(batch)
+        return (enc, *head_inputs(enc, self.heads_read))
 
     def encoder_trainable(self) -> bool:
         return any(p.requires_grad for p in self.encoder.parameters())
@@ -107,8 +120,7 @@ class MultiTaskModel(nn.Module):
         self, batch: dict[str, Any], generator: torch.Generator | None = None
     ) -> dict[str, Any]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable()):
-            enc = self.encoder(batch)
-        tokens, valid = enc.tokens, enc.valid  # [B, N, D], [B, N]
+            enc, tokens, valid = self.read(batch)  # [B, N, D], [B, N]
         losses: dict[str, Tensor] = {}
         extra: dict[str, Tensor] = {}
         for name, head in self.heads.items():
@@ -125,10 +137,10 @@ class MultiTaskModel(nn.Module):
     def reference_outputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Deterministic outputs of every trained part on `batch` (call in eval mode): what a
         reload of the saved adapters must reproduce."""
-        enc = self.encoder(batch)
-        out = {"tokens": enc.tokens.float().cpu()}
+        _, tokens, valid = self.read(batch)
+        out = {"tokens": tokens.float().cpu()}
         for name, head in self.heads.items():
-            out[name] = head.reference(enc.tokens, enc.valid, batch).float().cpu()
+            out[name] = head.reference(tokens, valid, batch).float().cpu()
         return out
 
     # ---- what is saved -------------------------------------------------------------------

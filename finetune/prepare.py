@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import ENCODER_TRAINING, TASKS, FinetuneConfig
+from finetune.head_inputs import HEAD_INPUTS
 from finetune.heads.registry import head_spec
 from finetune.splits import Split, index_shards, make_split
 from finetune.stimuli import StimulusSet, load_captions, stimuli_for
@@ -62,6 +63,10 @@ def validate_finetune(cfg: FinetuneConfig, world_size: int | None) -> None:
     if cfg.encoder.train not in ENCODER_TRAINING:
         raise ValueError(
             f"encoder.train must be one of {ENCODER_TRAINING}, got {cfg.encoder.train!r}"
+        )
+    if cfg.encoder.heads_read not in HEAD_INPUTS:
+        raise ValueError(
+            f"encoder.heads_read must be one of {HEAD_INPUTS}, got {cfg.encoder.heads_read!r}"
         )
     if not cfg.encoder.model:
         raise ValueError(

@@ -97,22 +97,22 @@ class HeadsModel(mlflow.pyfunc.PythonModel):
 
         decoded: list[dict[str, Any]] = []
         for batch in batches(samples):
-            enc = self.model.encoder(batch)
+            _, tokens, valid = self.model.read(batch)
             out: dict[str, list] = {}
             for name, head in self.model.heads.items():
                 if name == "image" and p["num_images"] == 0:
                     continue
                 out.update(
                     head.decode(
-                        enc.tokens,
-                        enc.valid,
+                        tokens,
+                        valid,
                         num_images=p["num_images"],
                         steps=p["steps"] or None,
                         seed=p["seed"],
                     )
                 )
             if "retrieval" in self.model.heads:
-                out.update(self._retrieval(enc, p["top_k"]))
+                out.update(self._retrieval(tokens, valid, p["top_k"]))
             for b in range(len(batch["key"])):
                 row = {k: v[b] for k, v in out.items()}
                 if "images" in row:
@@ -120,8 +120,8 @@ class HeadsModel(mlflow.pyfunc.PythonModel):
                 decoded.append(row)
         return decoded
 
-    def _retrieval(self, enc, top_k: int) -> dict[str, list]:
-        emb = self.model.heads["retrieval"].embed(enc.tokens, enc.valid).float()  # [B, Dc]
+    def _retrieval(self, tokens, valid, top_k: int) -> dict[str, list]:
+        emb = self.model.heads["retrieval"].embed(tokens, valid).float()  # [B, Dc]
         out: dict[str, list] = {"clip_embedding": emb.tolist()}
         if self.gallery is not None:
             ids, gallery = self.gallery

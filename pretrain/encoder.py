@@ -130,6 +130,8 @@ class EncoderOutput:
     scale: Tensor | None = None
     # [B, C, P, L] float32: the patches as the encoder read them (normalised, clipped)
     patches: Tensor | None = None
+    ch_pos: Tensor | None = None  # [B, C, 3] metres as the encoder placed each channel
+    pos_known: Tensor | None = None  # [B, C] bool
 
     def grid(self) -> Tensor:
         """Tokens as `[B, C, P, D]` (every token encoded: no `keep`)."""
@@ -520,7 +522,9 @@ class Encoder(nn.Module):
             torch.stack(counts) if counts else torch.zeros(0, 0, dtype=torch.long, device=x.device)
         )
         self.last_expert_counts = expert_counts
-        return EncoderOutput(x, valid, c, p, aux, expert_counts, index, scale, patches)
+        return EncoderOutput(
+            x, valid, c, p, aux, expert_counts, index, scale, patches, inp.ch_pos, inp.pos_known
+        )
 
     def forward(
         self,

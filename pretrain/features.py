@@ -63,15 +63,32 @@ def region_of(positions: np.ndarray) -> np.ndarray:
     return np.where(known, dist.argmin(axis=1), -1)
 
 
+def region_index(ch_pos: Tensor, pos_known: Tensor) -> Tensor:
+    """:func:`region_of` in torch for a batch: `[B, C, 3]` metres + known `[B, C]` -> `[B, C]`
+    long, -1 where the position is unknown."""
+    sites = torch.as_tensor(_site_positions(), dtype=torch.float32, device=ch_pos.device)
+    dist = torch.cdist(ch_pos.float(), sites[None].expand(len(ch_pos), -1, -1))  # [B, C, R]
+    return torch.where(pos_known.bool(), dist.argmin(-1), torch.full_like(dist[..., 0], -1).long())
+
+
 def region_pool(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
     """One sample's tokens `[C, P, D]` -> `[(R + 1) * D]`: per-site means of the time-pooled
     channels (zeros for a site no channel is near), then the mean of every channel."""
     return region_pool_batch(grid[None], valid[None], np.asarray(regions)[None])[0]
 
 
-def region_pool_batch(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
+def region_pool_batch(grid: Tensor, valid: Tensor, regions: np.ndarray | Tensor) -> Tensor:
     """:func:`region_pool` for a batch: `[B, C, P, D]`, valid `[B, C, P]`, site per channel
     `[B, C]` (-1: none) -> `[B, (R + 1) * D]`, as one matrix product per batch."""
+    return region_tokens(grid, valid, regions)[0].reshape(grid.shape[0], -1)
+
+
+def region_tokens(
+    grid: Tensor, valid: Tensor, regions: np.ndarray | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Tokens `[B, C, P, D]` -> one token per 10-20 site and one for every channel
+    `[B, R + 1, D]`, each the mean of its time-pooled channels, and which of them had any
+    channel `[B, R + 1]` (a site no channel is near is zeros, marked False)."""
     w = valid[..., None].to(grid.dtype)  # [B, C, P, 1]
     per_channel = (grid * w).sum(2) / w.sum(2).clamp_min(1.0)  # [B, C, D]
     has = valid.any(2)  # [B, C]
@@ -80,7 +97,7 @@ def region_pool_batch(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tenso
     member = torch.cat([member, torch.ones_like(member[:, :1])], 1) & has[:, None, :]
     weight = member.to(grid.dtype)  # [B, R + 1, C]: sites, then every channel
     out = weight @ per_channel / weight.sum(-1, keepdim=True).clamp_min(1.0)  # [B, R + 1, D]
-    return out.reshape(grid.shape[0], -1)
+    return out, member.any(-1)
 
 
 def resolve_layer(layer: int | None, depth: int) -> int:

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from finetune import metrics
 from finetune.config import FinetuneConfig
 from finetune.evaluate import captions, encode_test, training_captions
 from finetune.heads.text import TextHead, TextHeadConfig
+from finetune.model import MultiTaskModel
 from finetune.splits import SplitConfig, index_shards, make_split
 from finetune.stimuli import Stimulus, StimulusSet, stimuli_for
 from finetune.synthetic_stimuli import synthetic_captions
@@ -58,7 +58,7 @@ def _encode(world, limit=40, noise_seed=None):
     cfg = FinetuneConfig()
     cfg.data.shards = world["shards"]
     return encode_test(
-        SimpleNamespace(encoder=world["enc"]),  # encode_test reads only the model's encoder
+        MultiTaskModel(world["enc"], {}, torch.nn.Identity()),  # only its encoder is read
         cfg,
         world["split"],
         dict,  # the stimulus side of the batch plays no part in the noise control

@@ -88,7 +88,7 @@ def world(tmp_path_factory):
     return {"root": root, "shards": [str(shards)], "prep": prep, "clip": clip, "tiny": bases}
 
 
-def tiny_config(world, task: str, **dist) -> FinetuneConfig:
+def tiny_config(world, task: str, heads_read: str = "tokens", **dist) -> FinetuneConfig:
     """A one-head FinetuneConfig as a run would load it: the head's tiny section set."""
     if task not in world["tiny"]:
         pytest.fail(f"the {task!r} head has no tiny config in tests/test_head_contract.py")
@@ -104,12 +104,13 @@ def tiny_config(world, task: str, **dist) -> FinetuneConfig:
             "clip": {"model": world["clip"].index["model"], "pretrained": None},
         },
         train={"eval_windows": 8, "eval_images": 2},
+        encoder={"heads_read": heads_read},
     )
     return cfg
 
 
-def build_heads(world, task: str, seed: int = 0, **dist):
-    cfg = tiny_config(world, task, **dist)
+def build_heads(world, task: str, seed: int = 0, heads_read: str = "tokens", **dist):
+    cfg = tiny_config(world, task, heads_read, **dist)
     torch.manual_seed(seed)
     model = build_model(cfg, world["prep"].encoder_dir, world["clip"].dim)
     fields_ = {}
@@ -153,6 +154,34 @@ def test_loss_is_finite_and_trains_only_what_is_saved(world, task):
     saved = sum(v.numel() for v in head.trainable_state_dict().values())
     count = sum(head.get_parameter(n).numel() for n in trained)
     assert count <= saved < count + frozen or not frozen, (task, count, saved, frozen)
+
+
+@pytest.mark.parametrize("task", list(HEADS))
+def test_every_head_reads_region_tokens(world, task):
+    """encoder.heads_read=regions (finetune/head_inputs.py): every head takes the 20 site
+    tokens in place of the C x P ones, and its loss is finite and reaches the adapters."""
+    from pretrain.features import REGION_SITES
+
+    _, model, pairing = build_heads(world, task, heads_read="regions")
+    model.train()
+    batch = batch_of(world, pairing)
+    _, tokens, valid = model.read(batch)
+    assert tokens.shape[1] == len(REGION_SITES) + 1 and valid.shape == tokens.shape[:2]
+    assert valid.all()  # every synthetic montage has the 19 electrodes of the 10-20 system
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(out["losses"][task].item()), out["losses"]
+    out["loss"].backward()
+    grads = [p.grad for p in model.heads[task].parameters() if p.requires_grad]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads), task
+
+
+def test_an_unknown_heads_read_is_refused_before_training(world):
+    from finetune.prepare import validate_finetune
+
+    cfg = tiny_config(world, "retrieval", heads_read="channels")
+    cfg.encoder.model = str(world["prep"].encoder_dir)
+    with pytest.raises(ValueError, match="encoder.heads_read must be one of"):
+        validate_finetune(cfg, None)
 
 
 @pytest.mark.parametrize("task", list(HEADS))

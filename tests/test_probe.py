@@ -85,3 +85,27 @@ def test_a_middle_layer_reads_mixed_montages_as_each_window_alone(pooling):
     alone = np.concatenate([pooled([0], 1), pooled([1], 1)])
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
     assert not np.allclose(together, pooled([0, 1], None), atol=1e-3)  # not the last block
+
+
+def test_region_tokens_are_the_region_pool_per_site():
+    """The torch site assignment (what finetune's heads_read=regions uses) is the probe's,
+    and region_tokens are region_pool's features, one token per site."""
+    from pretrain.features import region_index, region_of, region_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randn(2, 7, 3, generator=gen) * 0.08  # [B, C, 3] metres
+    known = torch.ones(2, 7, dtype=torch.bool)
+    known[1, 3] = False
+    sites = region_index(pos, known)
+    for b in range(2):
+        expected = region_of(np.where(known[b, :, None].numpy(), pos[b].numpy(), np.nan))
+        assert sites[b].tolist() == expected.tolist()
+    grid = torch.randn(2, 7, 3, 4, generator=gen)  # [B, C, P, D]
+    valid = torch.ones(2, 7, 3, dtype=torch.bool)
+    tokens, has = region_tokens(grid, valid, sites)
+    assert tokens.shape == (2, len(REGION_SITES) + 1, 4)
+    flat = region_pool(grid[1], valid[1], sites[1].numpy())
+    torch.testing.assert_close(tokens[1].reshape(-1), flat)
+    assert has[1].tolist() == [bool((sites[1] == r).any()) for r in range(len(REGION_SITES))] + [
+        True
+    ]
