@@ -26,11 +26,8 @@ def allreduce_segment(rank: int) -> Path:
     return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def release_allreduce_segment() -> bool:
-    """Call on every rank right after `deepspeed.init_distributed`; True where a name was
-    removed (a run whose ranks are not all local, or not on CPU, has none)."""
+def release_allreduce_segment() -> None:
+    """Call on every rank right after `deepspeed.init_distributed` (a run whose ranks are not
+    all local, or not on CPU, has no segment: nothing to remove)."""
     dist.barrier()  # every rank has mapped every peer's segment
-    path = allreduce_segment(dist.get_rank())
-    existed = path.exists()
-    path.unlink(missing_ok=True)
-    return existed
+    allreduce_segment(dist.get_rank()).unlink(missing_ok=True)

@@ -55,20 +55,20 @@ def _site_positions() -> np.ndarray:
 
 
 def region_of(positions: np.ndarray) -> np.ndarray:
-    """`[C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel `[C]`,
-    -1 where the position is unknown."""
+    """`[..., C, 3]` metres (NaN unknown) -> index of the nearest 10-20 site per channel
+    `[..., C]`, -1 where the position is unknown."""
     sites = _site_positions()
-    known = np.isfinite(positions).all(axis=1)
-    dist = np.linalg.norm(np.nan_to_num(positions)[:, None] - sites[None], axis=-1)  # [C, R]
-    return np.where(known, dist.argmin(axis=1), -1)
+    known = np.isfinite(positions).all(axis=-1)
+    dist = np.linalg.norm(np.nan_to_num(positions)[..., None, :] - sites, axis=-1)  # [..., C, R]
+    return np.where(known, dist.argmin(axis=-1), -1)
 
 
 def region_index(ch_pos: Tensor, pos_known: Tensor) -> Tensor:
-    """:func:`region_of` in torch for a batch: `[B, C, 3]` metres + known `[B, C]` -> `[B, C]`
-    long, -1 where the position is unknown."""
-    sites = torch.as_tensor(_site_positions(), dtype=torch.float32, device=ch_pos.device)
-    dist = torch.cdist(ch_pos.float(), sites[None].expand(len(ch_pos), -1, -1))  # [B, C, R]
-    return torch.where(pos_known.bool(), dist.argmin(-1), torch.full_like(dist[..., 0], -1).long())
+    """:func:`region_of` for an encoder's batch: `[B, C, 3]` metres + known `[B, C]` ->
+    `[B, C]` long on the same device (the probe's assignment, computed by the same code)."""
+    pos = ch_pos.detach().double().cpu().numpy()
+    pos[~pos_known.bool().cpu().numpy()] = np.nan
+    return torch.from_numpy(region_of(pos)).to(ch_pos.device)
 
 
 def region_pool(grid: Tensor, valid: Tensor, regions: np.ndarray) -> Tensor:
