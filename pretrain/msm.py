@@ -50,7 +50,7 @@ from pretrain.encoder import HEAD_RADIUS_M, Block, Encoder, EncoderInput, spatia
 from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
-from pretrain.spectral import log_spectrum
+from pretrain.spectral import EEG_BANDS_HZ, channel_band_power, log_spectrum
 
 MASK_MODES = ("random", "time_block", "mixed")
 TARGETS = ("signal", "spectrum", "both")
@@ -107,6 +107,14 @@ class MSMConfig:
     # Linear, so what a frozen-feature probe reads (pooled tokens) holds it linearly too
     own_spectrum_weight: float = 0.0
     own_spectrum_bands: int = 16
+    # > 0: a *linear* head on each channel's mean encoded token predicts that channel's log
+    # amplitude in the classic EEG bands (1-4 ... 30-45 Hz) over the whole window -- hidden
+    # patches included -- at this weight. Motor-imagery
+    # labels (and the simulator's) live in where band power sits on the scalp across a trial;
+    # sample reconstruction never asks the tokens for it, so pretraining let it decay
+    # (bench/RESULTS.md, "Demo"). Linear and per channel, so a frozen-feature probe that pools
+    # channels (``--pooling regions``) reads it linearly too
+    band_target_weight: float = 0.0
     # > 0: a subject classifier reads each window's mean encoder token through a gradient
     # reversal layer scaled by this (DANN): the classifier learns to tell recordings' subjects
     # apart, the encoder to make that impossible. Frozen features that decode within a subject
@@ -147,6 +155,8 @@ class MSMConfig:
             raise ValueError(f"own_spectrum_weight must be >= 0, got {self.own_spectrum_weight}")
         if self.own_spectrum_bands < 1:
             raise ValueError(f"own_spectrum_bands must be >= 1, got {self.own_spectrum_bands}")
+        if self.band_target_weight < 0:
+            raise ValueError(f"band_target_weight must be >= 0, got {self.band_target_weight}")
         if self.subject_adversary < 0:
             raise ValueError(f"subject_adversary must be >= 0, got {self.subject_adversary}")
         if self.subject_buckets < 2:
@@ -365,6 +375,9 @@ class MaskedSignalModel(nn.Module):
         self.own_spectrum_head = (
             nn.Linear(enc.dim, config.own_spectrum_bands) if config.own_spectrum_weight else None
         )
+        self.band_head = (
+            nn.Linear(enc.dim, len(EEG_BANDS_HZ)) if config.band_target_weight else None
+        )
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
@@ -499,6 +512,9 @@ class MaskedSignalModel(nn.Module):
         if self.own_spectrum_head is not None:
             out["mse_own_spectrum"] = self.own_spectrum_loss(enc, visible)
             mse = mse + self.config.own_spectrum_weight * out["mse_own_spectrum"]
+        if self.band_head is not None:
+            out["mse_bands"] = self.band_target_loss(enc, inp.valid, visible)
+            mse = mse + self.config.band_target_weight * out["mse_bands"]
         adversary = None
         if self.subject_head is not None and isinstance(batch, Mapping) and "meta" in batch:
             adversary = self.subject_loss(enc, batch["meta"])
@@ -543,6 +559,29 @@ class MaskedSignalModel(nn.Module):
         pred = self.own_spectrum_head(enc.tokens).float()  # [B, N or Nk, F]
         per_token = (pred - target).pow(2).mean(-1)
         return (per_token * seen).sum() / seen.sum().clamp_min(1)
+
+    def band_target_loss(self, enc, valid: Tensor, visible: Tensor) -> Tensor:
+        """MSE of the linear read-out of each channel's mean encoded token against its
+        window band power (all valid patches, in the encoder's window-normalised units), over the channels
+        with at least one encoded token."""
+        b, c, p = valid.shape
+        target = channel_band_power(enc.patches, valid, self.config.encoder.patch_seconds)
+        has = valid.any(2)  # [B, C]
+        tokens = enc.tokens.float()  # [B, N or Nk, D]
+        if enc.index is not None:
+            chan, seen = enc.index // p, enc.valid  # [B, Nk]
+        else:
+            chan = torch.arange(c * p, device=tokens.device).div(p, rounding_mode="floor")
+            chan, seen = chan.expand(b, -1), visible.reshape(b, -1)
+        weight = seen.float()[..., None]  # [B, N, 1]
+        total = tokens.new_zeros(b, c, tokens.shape[-1]).scatter_add(
+            1, chan[..., None].expand(-1, -1, tokens.shape[-1]), tokens * weight
+        )  # [B, C, D]
+        count = weight.new_zeros(b, c, 1).scatter_add(1, chan[..., None], weight)  # [B, C, 1]
+        pred = self.band_head((total / count.clamp_min(1.0)).to(enc.tokens.dtype)).float()
+        scored = (count[..., 0] > 0) & has  # [B, C]
+        per_channel = (pred - target).pow(2).mean(-1)
+        return (per_channel * scored).sum() / scored.sum().clamp_min(1)
 
     def num_parameters(self) -> dict[str, int]:
         """Encoder counts (what is kept after pretraining) plus the decoder side."""

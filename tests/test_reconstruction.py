@@ -173,6 +173,55 @@ def test_own_spectrum_loss_scores_the_visible_tokens_against_their_own_patches(e
         MSMConfig(**args, own_spectrum_weight=-1.0)
 
 
+@pytest.mark.parametrize("encoder_input", ["visible", "all"])
+def test_band_target_reads_each_channels_window_band_power_from_its_tokens(encoder_input):
+    """``msm.band_target_weight``: a linear read-out of each channel's mean encoded (visible)
+    token is scored against the channel's classic-band log amplitude over the *whole* window,
+    hidden patches included; channels with no encoded token are not scored."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig
+    from pretrain.spectral import channel_band_power
+    from tests.test_encoder_contract import make_batch
+
+    cfg = get_config("tiny", input_norm="window")
+    torch.manual_seed(0)
+    args = dict(encoder=cfg, encoder_input=encoder_input)
+    model = MaskedSignalModel(MSMConfig(**args, band_target_weight=0.5))
+    assert MaskedSignalModel(MSMConfig(encoder=cfg)).band_head is None  # off by default
+    batch = make_batch([19, 32], [4.0, 4.0], seed=6)
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["mse"], out["mse_signal"] + 0.5 * out["mse_bands"])
+
+    # the same figure by hand: scatter the encoded tokens back to their grid, average each
+    # channel's visible ones
+    inp = model.encoder.prepare(batch)
+    visible = out["valid"] & ~out["mask"]
+    if encoder_input == "visible":
+        enc = model.encoder.encode(inp, keep=visible)
+    else:
+        enc = model.encoder.encode(inp, token_mask=out["mask"], mask_token=model.mask_token)
+    b, c, p = visible.shape
+    tokens = torch.zeros(b, c * p, cfg.dim)
+    index = enc.index if enc.index is not None else torch.arange(c * p).expand(b, -1)
+    tokens = tokens.scatter(1, index[..., None].expand(-1, -1, cfg.dim), enc.tokens.float())
+    w = visible[..., None].float()  # [B, C, P, 1]
+    per_channel = (tokens.view(b, c, p, -1) * w).sum(2) / w.sum(2).clamp_min(1)
+    target = channel_band_power(enc.patches, out["valid"], cfg.patch_seconds)  # every patch
+    scored = visible.any(2)
+    assert not scored.all() and scored.any()  # the 19-channel window's padding is not scored
+    err = (model.band_head(per_channel) - target).pow(2).mean(-1)
+    expect = (err * scored).sum() / scored.sum()
+    torch.testing.assert_close(out["mse_bands"], expect, rtol=1e-4, atol=1e-5)
+    # hidden patches enter the target: it changes when only a hidden patch changes
+    hidden = (out["mask"] & out["valid"]).nonzero()[0].tolist()
+    moved = enc.patches.clone()
+    moved[tuple(hidden)] *= 3.0
+    assert not torch.allclose(channel_band_power(moved, out["valid"], 1.0), target)
+    out["mse_bands"].backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="band_target_weight"):
+        MSMConfig(**args, band_target_weight=-1.0)
+
+
 def _build(folder: Path, out: Path, pattern: str) -> Path:
     cmd = [
         sys.executable,
