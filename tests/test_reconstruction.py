@@ -177,8 +177,9 @@ def test_own_spectrum_loss_scores_the_visible_tokens_against_their_own_patches(e
 def test_band_target_reads_each_channels_window_band_power_from_its_tokens(encoder_input):
     """``msm.band_target_weight``: a linear read-out of each channel's mean encoded (visible)
     token is scored against the channel's classic-band log amplitude over the *whole* window,
-    hidden patches included; channels with no encoded token are not scored."""
-    from pretrain.msm import MaskedSignalModel, MSMConfig
+    hidden patches included, standardised per band over the batch; channels with no encoded
+    token are not scored."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig, standardise_bands
     from pretrain.spectral import channel_band_power
     from tests.test_encoder_contract import make_batch
 
@@ -208,7 +209,10 @@ def test_band_target_reads_each_channels_window_band_power_from_its_tokens(encod
     target = channel_band_power(enc.patches, out["valid"], cfg.patch_seconds)  # every patch
     scored = visible.any(2)
     assert not scored.all() and scored.any()  # the 19-channel window's padding is not scored
-    err = (model.band_head(per_channel) - target).pow(2).mean(-1)
+    mean, var = target[scored].mean(0), target[scored].var(0, unbiased=False)
+    z = (target - mean) / (var + 1e-6).sqrt()
+    torch.testing.assert_close(standardise_bands(target, scored)[scored], z[scored])
+    err = (model.band_head(per_channel) - z).pow(2).mean(-1)
     expect = (err * scored).sum() / scored.sum()
     torch.testing.assert_close(out["mse_bands"], expect, rtol=1e-4, atol=1e-5)
     # hidden patches enter the target: it changes when only a hidden patch changes
