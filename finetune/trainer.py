@@ -40,20 +40,8 @@ class FinetuneTrainer(Trainer):
         validate_finetune(self.cfg, world)
         record = self._record if self._record is not None else self._shared_record(world)
         self._tmp = tempfile.TemporaryDirectory(prefix="brainmoe-finetune-")
-        try:
-            self.prep = load_prepared(self.cfg, record, Path(self._tmp.name))
-            self.clip = ClipCache.load(clip_folder(self.cfg))
-        except BaseException:
-            self._tmp.cleanup()
-            raise
-
-    def train(self) -> dict[str, Any]:
-        """The scratch folder goes when training ends, however it ends: left to its finalizer,
-        it stayed behind in /tmp after runs whose ranks did not exit normally."""
-        try:
-            return super().train()
-        finally:
-            self._tmp.cleanup()
+        self.prep = load_prepared(self.cfg, record, Path(self._tmp.name))
+        self.clip = ClipCache.load(clip_folder(self.cfg))
 
     def _shared_record(self, world: int) -> dict:
         """Rank 0 reads the launcher's record from the run folder -- or, started without the
