@@ -109,8 +109,8 @@ class MSMConfig:
     own_spectrum_bands: int = 16
     # > 0: a *linear* head on each channel's mean encoded token predicts that channel's log
     # amplitude in the classic EEG bands (1-4 ... 30-45 Hz) over the whole window -- hidden
-    # patches included -- at this weight. Motor-imagery
-    # labels (and the simulator's) live in where band power sits on the scalp across a trial;
+    # patches included -- at this weight. Motor-imagery labels (and the simulator's) live in
+    # where band power sits on the scalp across a trial;
     # sample reconstruction never asks the tokens for it, so pretraining let it decay
     # (bench/RESULTS.md, "Demo"). Linear and per channel, so a frozen-feature probe that pools
     # channels (``--pooling regions``) reads it linearly too
@@ -576,26 +576,23 @@ class MaskedSignalModel(nn.Module):
         """MSE of the linear read-out of each channel's mean encoded token against its
         window band power (all valid patches, standardised per band over the batch's scored
         channels: 1 - R^2, so a head that only learns each band's mean scores 1), over the
-        channels with at least one encoded token."""
+        channels with at least one encoded (visible) token."""
         b, c, p = valid.shape
         target = channel_band_power(enc.patches, valid, self.config.encoder.patch_seconds)
-        has = valid.any(2)  # [B, C]
         tokens = enc.tokens.float()  # [B, N or Nk, D]
-        if enc.index is not None:
-            chan, seen = enc.index // p, enc.valid  # [B, Nk]
-        else:
-            chan = torch.arange(c * p, device=tokens.device).div(p, rounding_mode="floor")
-            chan, seen = chan.expand(b, -1), visible.reshape(b, -1)
-        weight = seen.float()[..., None]  # [B, N, 1]
-        total = tokens.new_zeros(b, c, tokens.shape[-1]).scatter_add(
-            1, chan[..., None].expand(-1, -1, tokens.shape[-1]), tokens * weight
-        )  # [B, C, D]
-        count = weight.new_zeros(b, c, 1).scatter_add(1, chan[..., None], weight)  # [B, C, 1]
-        pred = self.band_head((total / count.clamp_min(1.0)).to(enc.tokens.dtype)).float()
-        scored = (count[..., 0] > 0) & has  # [B, C]
+        d = tokens.shape[-1]
+        if enc.index is not None:  # only the kept tokens were encoded: back onto the grid
+            kept = tokens * enc.valid[..., None]
+            tokens = tokens.new_zeros(b, c * p, d).scatter(
+                1, enc.index[..., None].expand(-1, -1, d), kept
+            )
+        w = visible[..., None].float()  # [B, C, P, 1]
+        per_channel = (tokens.view(b, c, p, d) * w).sum(2) / w.sum(2).clamp_min(1.0)  # [B, C, D]
+        pred = self.band_head(per_channel.to(enc.tokens.dtype)).float()  # [B, C, 6]
+        scored = visible.any(2)  # [B, C]
         target = standardise_bands(target, scored)
-        per_channel = (pred - target).pow(2).mean(-1)
-        return (per_channel * scored).sum() / scored.sum().clamp_min(1)
+        err = (pred - target).pow(2).mean(-1)
+        return (err * scored).sum() / scored.sum().clamp_min(1)
 
     def num_parameters(self) -> dict[str, int]:
         """Encoder counts (what is kept after pretraining) plus the decoder side."""

@@ -135,6 +135,23 @@ def test_token_loss_reaches_the_encoder_but_not_the_raw_paths():
         MSMConfig(**args, token_weight=-1.0)
 
 
+def _encoded_grid(model, batch, out) -> tuple:
+    """Re-encode what the model's forward saw (its mask) and scatter the encoded tokens back
+    to the token grid -> (encoder output, tokens `[B, C*P, D]` float32, visible `[B, C, P]`)."""
+    inp = model.encoder.prepare(batch)
+    visible = out["valid"] & ~out["mask"]
+    if model.config.encoder_input == "visible":
+        enc = model.encoder.encode(inp, keep=visible)
+    else:
+        enc = model.encoder.encode(inp, token_mask=out["mask"], mask_token=model.mask_token)
+    b, c, p = visible.shape
+    d = enc.tokens.shape[-1]
+    tokens = torch.zeros(b, c * p, d)
+    index = enc.index if enc.index is not None else torch.arange(c * p).expand(b, -1)
+    tokens = tokens.scatter(1, index[..., None].expand(-1, -1, d), enc.tokens.float())
+    return enc, tokens, visible
+
+
 @pytest.mark.parametrize("encoder_input", ["visible", "all"])
 def test_own_spectrum_loss_scores_the_visible_tokens_against_their_own_patches(encoder_input):
     """``msm.own_spectrum_weight``: a linear read-out of each encoded visible token is scored
@@ -153,16 +170,8 @@ def test_own_spectrum_loss_scores_the_visible_tokens_against_their_own_patches(e
     torch.testing.assert_close(out["mse"], out["mse_signal"] + 0.5 * out["mse_own_spectrum"])
 
     # the same figure by hand, from every token of a full (unmasked) encoding
-    inp = model.encoder.prepare(batch)
-    visible = out["valid"] & ~out["mask"]
-    if encoder_input == "visible":
-        enc = model.encoder.encode(inp, keep=visible)
-    else:
-        enc = model.encoder.encode(inp, token_mask=out["mask"], mask_token=model.mask_token)
+    enc, tokens, visible = _encoded_grid(model, batch, out)
     b, c, p = visible.shape
-    tokens = torch.zeros(b, c * p, cfg.dim)
-    index = enc.index if enc.index is not None else torch.arange(c * p).expand(b, -1)
-    tokens = tokens.scatter(1, index[..., None].expand(-1, -1, cfg.dim), enc.tokens.float())
     pred = model.own_spectrum_head(tokens).view(b, c, p, 8)
     err = (pred - log_spectrum(enc.patches, 8)).pow(2).mean(-1)
     expect = (err * visible).sum() / visible.sum()
@@ -192,18 +201,10 @@ def test_band_target_reads_each_channels_window_band_power_from_its_tokens(encod
     out = model(batch, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out["mse"], out["mse_signal"] + 0.5 * out["mse_bands"])
 
-    # the same figure by hand: scatter the encoded tokens back to their grid, average each
-    # channel's visible ones
-    inp = model.encoder.prepare(batch)
-    visible = out["valid"] & ~out["mask"]
-    if encoder_input == "visible":
-        enc = model.encoder.encode(inp, keep=visible)
-    else:
-        enc = model.encoder.encode(inp, token_mask=out["mask"], mask_token=model.mask_token)
+    # the same figure by hand: the encoded tokens back on their grid, each channel's visible
+    # ones averaged
+    enc, tokens, visible = _encoded_grid(model, batch, out)
     b, c, p = visible.shape
-    tokens = torch.zeros(b, c * p, cfg.dim)
-    index = enc.index if enc.index is not None else torch.arange(c * p).expand(b, -1)
-    tokens = tokens.scatter(1, index[..., None].expand(-1, -1, cfg.dim), enc.tokens.float())
     w = visible[..., None].float()  # [B, C, P, 1]
     per_channel = (tokens.view(b, c, p, -1) * w).sum(2) / w.sum(2).clamp_min(1)
     target = channel_band_power(enc.patches, out["valid"], cfg.patch_seconds)  # every patch
