@@ -57,7 +57,7 @@ format: venv
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python bench/shards.py
