@@ -24,11 +24,18 @@ def _num(x: float) -> str:
 
 
 def probe_rows(probe: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """One row per probe file: the frozen linear probe, or the fine-tuning one (its controls
+    also say in how many folds the pretrained encoder beat its twins)."""
+    kind = "fine-tuned probe" if probe.get("protocol") == "finetune" else "probe"
+    controls = f"random-init {_num(probe['random_init'])}"
+    diff = probe.get("difference")
+    if diff:
+        controls += f" ({diff['n_positive']}/{diff['n_folds']} folds above it)"
     return [
         (
-            f"probe balanced accuracy ({probe['classes']} classes)",
+            f"{kind} balanced accuracy ({probe['classes']} classes)",
             _num(probe["pretrained"]),
-            f"random-init {_num(probe['random_init'])}",
+            controls,
             _num(probe["chance"]),
         )
     ]
@@ -101,11 +108,13 @@ def image_rows(scores: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def table_rows(
-    probe: dict[str, Any] | None, scores: dict[str, Any]
+    probes: list[dict[str, Any]] | dict[str, Any] | None, scores: dict[str, Any]
 ) -> list[tuple[str, str, str, str]]:
     from finetune.heads.registry import HEADS
 
-    rows = probe_rows(probe) if probe else []
+    if isinstance(probes, dict):
+        probes = [probes]
+    rows = [row for probe in probes or [] for row in probe_rows(probe)]
     for name, section in scores.items():  # eval.json's order: the run's tasks
         if name in HEADS:
             rows += HEADS[name].report_rows(section)
@@ -138,12 +147,17 @@ def _load(path: str, what: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.report", description=__doc__)
-    parser.add_argument("--probe", help="probe result JSON (brainmoe probe ... --json)")
+    parser.add_argument(
+        "--probe",
+        action="append",
+        default=[],
+        help="probe result JSON (brainmoe probe ... --json); repeat for several probes",
+    )
     parser.add_argument("--eval", required=True, help="a finetune run's eval.json")
     args = parser.parse_args(argv)
-    probe = _load(args.probe, "probe") if args.probe else None
+    probes = [_load(path, "probe") for path in args.probe]
     scores = _load(args.eval, "eval")
-    rows = table_rows(probe, scores)
+    rows = table_rows(probes, scores)
     if not rows:
         from finetune.heads.registry import HEADS
 

@@ -83,6 +83,16 @@ def add_parsers(subparsers) -> None:
         default="mean",
         help="mean of all tokens, or per 10-20 region (keeps left/right; see pretrain.probe)",
     )
+    probe.add_argument(
+        "--finetune",
+        action="store_true",
+        help="fine-tune the encoder and a linear head per fold instead of a frozen linear "
+        "probe (the random-init twins get the same folds, batches and budget)",
+    )
+    probe.add_argument("--epochs", type=int, default=10, help="--finetune: epochs per fold")
+    probe.add_argument(
+        "--lr", type=float, default=3e-4, help="--finetune: the encoder's learning rate"
+    )
     probe.add_argument("--json", help="also write the result to this JSON file")
     probe.set_defaults(func=_probe)
 
@@ -185,14 +195,30 @@ def _probe(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = resolve_model(args.model, args.tracking_uri, tmp)  # None: $MLFLOW_TRACKING_URI
         encoder = Encoder.from_pretrained(folder)
-        result = probe(
-            encoder,
-            args.source,
-            seed=args.seed,
-            max_windows=args.max_windows,
-            pooling=args.pooling,
-            random_seeds=args.random_seeds,
-        )
+        if args.finetune:
+            from pretrain.finetune_probe import FinetuneProbeConfig, finetune_probe
+
+            cfg = FinetuneProbeConfig(epochs=args.epochs, lr=args.lr)
+            cfg.validate()  # before the windows load
+            result = finetune_probe(
+                encoder,
+                args.source,
+                cfg,
+                seed=args.seed,
+                max_windows=args.max_windows,
+                pooling=args.pooling,
+                random_seeds=args.random_seeds,
+                progress=lambda line: print(line, flush=True),
+            )
+        else:
+            result = probe(
+                encoder,
+                args.source,
+                seed=args.seed,
+                max_windows=args.max_windows,
+                pooling=args.pooling,
+                random_seeds=args.random_seeds,
+            )
     result["model"] = args.model
     print(format_result(result))
     if args.json:

@@ -126,6 +126,26 @@ def encode_at_layer(encoder: Encoder, batch: dict[str, Any], layer: int | None) 
         encoder.blocks = blocks
 
 
+def batch_regions(ch_pos: Sequence[np.ndarray], n_channels: int) -> np.ndarray:
+    """Each window's positions `[C_i, 3]` (NaN unknown) -> 10-20 site per channel `[B, C]`,
+    padded channels -1 (they belong nowhere)."""
+    regions = np.full((len(ch_pos), n_channels), -1)
+    for j, pos in enumerate(ch_pos):
+        regions[j, : len(pos)] = region_of(pos)
+    return regions
+
+
+def pool_encoded(enc: EncoderOutput, regions: np.ndarray, pooling: str) -> Tensor:
+    """One batch's encoder output -> pooled features `[B, F]`, differentiable: the frozen
+    probe reads them, the fine-tuning probe (pretrain/finetune_probe.py) trains through them."""
+    if pooling == "mean":
+        return Encoder.pool(enc).float()
+    grid = enc.grid().float()  # [B, C, P, D]
+    if pooling == "moments":  # + second moments over time: power, not only the average
+        grid = torch.cat([grid, grid.pow(2)], dim=-1)  # [B, C, P, 2D]
+    return region_pool_batch(grid, enc.valid.view(grid.shape[:3]), regions)
+
+
 @torch.no_grad()
 def pooled_features(
     encoder: Encoder,
@@ -153,17 +173,8 @@ def pooled_features(
         batch = collate_eeg(samples)
         batch["eeg"] = batch["eeg"].to(device)
         enc = encode_at_layer(encoder, batch, layer)
-        if pooling == "mean":
-            out.append(Encoder.pool(enc).float().cpu().numpy())
-            continue
-        grid = enc.grid().float()  # [B, C, P, D]
-        if pooling == "moments":  # + second moments over time: power, not only the average
-            grid = torch.cat([grid, grid.pow(2)], dim=-1)  # [B, C, P, 2D]
-        regions = np.full(grid.shape[:2], -1)  # [B, C]; padded channels belong nowhere
-        for j, i in enumerate(idx):
-            regions[j, : len(ch_names[i])] = region_of(ch_pos[i])
-        pooled = region_pool_batch(grid, enc.valid.view(grid.shape[:3]), regions)
-        out.append(pooled.cpu().numpy())
+        regions = batch_regions([ch_pos[i] for i in idx], enc.n_channels)
+        out.append(pool_encoded(enc, regions, pooling).float().cpu().numpy())
     return np.concatenate(out)
 
 

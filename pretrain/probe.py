@@ -80,22 +80,27 @@ def features(
     )
 
 
+def folds(y: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) indices: leave groups (subjects/sessions) out, 5 folds at most; stratified
+    folds within the data when there are fewer than 3 groups. Every probe uses these."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n_groups = len(set(groups))
+    x = np.zeros(len(y))
+    if n_groups >= 3:
+        return list(StratifiedGroupKFold(n_splits=min(5, n_groups)).split(x, y, groups))
+    return list(StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y))
+
+
 def balanced_accuracy_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     """Leave-groups-out (subjects/sessions) logistic regression; stratified folds if one group."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    n_groups = len(set(groups))
-    folds = (
-        StratifiedGroupKFold(n_splits=min(5, n_groups)).split(x, y, groups)
-        if n_groups >= 3
-        else StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y)
-    )
     truth, pred = [], []
-    for train, test in folds:
+    for train, test in folds(y, groups):
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
         clf.fit(x[train], y[train])
         truth.append(y[test])
@@ -146,11 +151,19 @@ def probe(
 
 
 def format_result(result: dict[str, Any]) -> str:
-    return (
-        f"linear probe ({result.get('pooling', 'mean')} pooling) on {result['source']} "
+    kind = "fine-tuning probe" if result.get("protocol") == "finetune" else "linear probe"
+    text = (
+        f"{kind} ({result.get('pooling', 'mean')} pooling) on {result['source']} "
         f"({result['windows']} windows, {result['classes']} classes, cross-validated over "
         f"{result['groups']} subjects/sessions)\n"
         f"  balanced accuracy  pretrained {result['pretrained']:.3f}   "
         f"random-init {result['random_init']:.3f} (mean of "
         f"{len(result.get('random_init_each', [0]))} seeds)   chance {result['chance']:.3f}"
     )
+    diff = result.get("difference")
+    if diff:
+        text += (
+            f"\n  per fold, pretrained - random-init: {diff['mean']:+.3f} +- {diff['std']:.3f}"
+            f" ({diff['n_positive']} of {diff['n_folds']} folds above)"
+        )
+    return text
