@@ -108,12 +108,10 @@ def image_rows(scores: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def table_rows(
-    probes: list[dict[str, Any]] | dict[str, Any] | None, scores: dict[str, Any]
+    probes: list[dict[str, Any]] | None, scores: dict[str, Any]
 ) -> list[tuple[str, str, str, str]]:
     from finetune.heads.registry import HEADS
 
-    if isinstance(probes, dict):
-        probes = [probes]
     rows = [row for probe in probes or [] for row in probe_rows(probe)]
     for name, section in scores.items():  # eval.json's order: the run's tasks
         if name in HEADS:

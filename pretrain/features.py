@@ -126,6 +126,20 @@ def encode_at_layer(encoder: Encoder, batch: dict[str, Any], layer: int | None) 
         encoder.blocks = blocks
 
 
+def random_twin(encoder: Encoder, seed: int) -> Encoder:
+    """A random-init encoder of the same config and channel vocabulary, its weights from
+    ``seed`` (the global RNG is left as it was): the control every probe compares with."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Encoder(encoder.config, channel_vocab=encoder.vocab.names)
+
+
+def pooled_width(dim: int, pooling: str) -> int:
+    """Features per window of :func:`pool_encoded` for an encoder of width ``dim``."""
+    sites = len(REGION_SITES) + 1  # the 10-20 sites, then every channel
+    return {"mean": dim, "regions": sites * dim, "moments": 2 * sites * dim}[pooling]
+
+
 def batch_regions(ch_pos: Sequence[np.ndarray], n_channels: int) -> np.ndarray:
     """Each window's positions `[C_i, 3]` (NaN unknown) -> 10-20 site per channel `[B, C]`,
     padded channels -1 (they belong nowhere)."""
@@ -197,9 +211,7 @@ def load_encoder(
     ``seed``). Cached: MOABB clones the pipeline for every fold, and the encoder never changes."""
     encoder = Encoder.from_pretrained(_model_folder(str(model), tracking_uri))
     if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
+        encoder = random_twin(encoder, seed)
     return encoder.to(device).eval().requires_grad_(False)
 
 

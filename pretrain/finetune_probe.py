@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.encoder import Encoder
-from pretrain.features import POOLINGS, batch_regions, pool_encoded
-from pretrain.probe import ProbeData, folds, load_labelled
+from pretrain.features import batch_regions, pool_encoded, pooled_width, random_twin
+from pretrain.probe import ProbeData, check_probe_args, folds, load_labelled
 from shards.preprocess import PreprocessConfig
 
 
@@ -90,8 +90,7 @@ def fit_predict(
     same seed see the same batches in the same order.
     """
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        width = data.features(encoder.eval(), train[:2], pooling).shape[1]
+    width = pooled_width(encoder.config.dim, pooling)
     head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(data.classes)))
     with torch.no_grad():
         head[1].weight.normal_(0.0, 0.02, generator=gen)
@@ -139,34 +138,31 @@ def finetune_probe(
 
     cfg = cfg or FinetuneProbeConfig()
     cfg.validate()
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if random_seeds < 1:
-        raise ValueError(f"random_seeds must be at least 1, got {random_seeds}")
+    check_probe_args(pooling, random_seeds)
     raw = load_labelled(spec, preprocess_cfg, max_windows)
     data = _Prepared(raw, encoder.config.sfreq)
-    splits = list(folds(raw.labels, raw.groups))
-    state = copy.deepcopy(encoder.state_dict())
-    truth, pre_pred, rnd_pred = [], [], [[] for _ in range(random_seeds)]
+    splits = folds(raw.labels, raw.groups)
+    twins = [random_twin(encoder, seed + j) for j in range(random_seeds)]
+    truth, pre_pred, rnd_pred = [], [], [[] for _ in twins]
     per_fold = []
     for k, (train, test) in enumerate(splits):
-        model = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
-        model.load_state_dict(state)
-        pred = fit_predict(model, data, train, test, cfg, pooling, seed + 1000 * k)
+        # each fold trains fresh copies of the same starting points, on the same batches
+        start = seed + 1000 * k
+        pred = fit_predict(copy.deepcopy(encoder), data, train, test, cfg, pooling, start)
         y = data.y[test].numpy()
         truth.append(y)
         pre_pred.append(pred)
-        twins = []
-        for j in range(random_seeds):
-            torch.manual_seed(seed + j)
-            twin = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
-            rnd_pred[j].append(fit_predict(twin, data, train, test, cfg, pooling, seed + 1000 * k))
-            twins.append(balanced_accuracy_score(y, rnd_pred[j][-1]))
-        per_fold.append({"pretrained": balanced_accuracy_score(y, pred), "random_init": twins})
+        scores = []
+        for j, twin in enumerate(twins):
+            rnd_pred[j].append(
+                fit_predict(copy.deepcopy(twin), data, train, test, cfg, pooling, start)
+            )
+            scores.append(balanced_accuracy_score(y, rnd_pred[j][-1]))
+        per_fold.append({"pretrained": balanced_accuracy_score(y, pred), "random_init": scores})
         if progress:
             progress(
                 f"fold {k + 1}/{len(splits)}: pretrained {per_fold[-1]['pretrained']:.3f}, "
-                f"random-init {np.mean(twins):.3f}"
+                f"random-init {np.mean(scores):.3f}"
             )
     truth = np.concatenate(truth)
     randoms = [balanced_accuracy_score(truth, np.concatenate(p)) for p in rnd_pred]

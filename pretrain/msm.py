@@ -110,10 +110,10 @@ class MSMConfig:
     # > 0: a *linear* head on each channel's mean encoded token predicts that channel's log
     # amplitude in the classic EEG bands (1-4 ... 30-45 Hz) over the whole window -- hidden
     # patches included -- at this weight. Motor-imagery labels (and the simulator's) live in
-    # where band power sits on the scalp across a trial;
-    # sample reconstruction never asks the tokens for it, so pretraining let it decay
-    # (bench/RESULTS.md, "Demo"). Linear and per channel, so a frozen-feature probe that pools
-    # channels (``--pooling regions``) reads it linearly too
+    # where band power sits on the scalp across a trial; sample reconstruction never asks the
+    # tokens for it, so pretraining let it decay (bench/RESULTS.md, "Demo"). Linear and per
+    # channel, so a frozen-feature probe that pools channels (``--pooling regions``) reads it
+    # linearly too
     band_target_weight: float = 0.0
     # > 0: a subject classifier reads each window's mean encoder token through a gradient
     # reversal layer scaled by this (DANN): the classifier learns to tell recordings' subjects

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from pretrain.encoder import Encoder
 from pretrain.features import (  # noqa: F401  (re-exported: the probe's public names)
     POOLINGS,
     REGION_SITES,
     pooled_features,
+    random_twin,
     region_of,
     region_pool,
 )
@@ -108,6 +108,14 @@ def balanced_accuracy_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> fl
     return float(balanced_accuracy_score(np.concatenate(truth), np.concatenate(pred)))
 
 
+def check_probe_args(pooling: str, random_seeds: int) -> None:
+    """What every probe refuses before it loads a window."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if random_seeds < 1:
+        raise ValueError(f"random_seeds must be at least 1, got {random_seeds}")
+
+
 def probe(
     encoder: Encoder,
     spec: str,
@@ -122,15 +130,11 @@ def probe(
     The random baseline is the mean over `random_seeds` twins (seeds seed, seed+1, ...): one
     twin's score moves by a few points with its seed, which is the size of effect in question.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if random_seeds < 1:
-        raise ValueError(f"random_seeds must be at least 1, got {random_seeds}")
+    check_probe_args(pooling, random_seeds)
     data = load_labelled(spec, preprocess_cfg, max_windows)
     randoms = []
     for k in range(random_seeds):
-        torch.manual_seed(seed + k)
-        twin = Encoder(encoder.config, channel_vocab=encoder.vocab.names)
+        twin = random_twin(encoder, seed + k)
         randoms.append(
             balanced_accuracy_cv(features(twin, data, pooling=pooling), data.labels, data.groups)
         )
