@@ -6,6 +6,7 @@ would have created it), and the message must name the key to fix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def test_deepspeed_json_is_generated_from_the_run_config():
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == cfg.dist.micro_batch
     assert ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["optimizer"]["params"]["fused"] is True  # torch's fused AdamW kernel
+    off = deepspeed_config(cfg.dist, dataclasses.replace(cfg.optim, torch_adam=False), 1)
+    assert "fused" not in off["optimizer"]["params"]  # DeepSpeed's own FusedAdam takes no flag
     assert ds["bf16"] == {"enabled": False}
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.steps
     assert ds["scheduler"]["params"]["warmup_num_steps"] == cfg.optim.warmup_steps
