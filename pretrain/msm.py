@@ -320,16 +320,27 @@ class Decoder(nn.Module):
         known: Tensor | None = None,
         return_hidden: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """`tokens [B, N, in_dim]`, `valid [B, N]` (token positions `pos [B, N, 3]`, `known
-        [B, N]` for the spatial bias) -> `[B, N, out]` (and the hidden states `[B, N, d]`)."""
+        """`tokens [B, N, in_dim]` in channel-major order (N = C x P), `valid [B, N]`
+        (channel positions `pos [B, C, 3]`, `known [B, C]` for the spatial bias) ->
+        `[B, N, out]` (and the hidden states `[B, N, d]`)."""
         keys = valid | ~valid.any(1, keepdim=True)
         attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
         x = self.proj(tokens)
         if self.spatial_slope is not None and pos is not None:
-            dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M
+            b, n = valid.shape
+            c = pos.shape[1]
+            # per channel pair, then repeated over the P x P patch pairs: the distance of every
+            # token pair from a C x C table (a 128-channel window's N x N cdist and its scaling
+            # were two thirds of the decoder's forward)
+            dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M  # [B, C, C]
             dist = dist * (known[:, :, None] & known[:, None, :])
-            bias = -F.softplus(self.spatial_slope.float())[None, :, None, None] * dist[:, None]
-            attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(x.dtype)
+            slopes = -F.softplus(self.spatial_slope.float())  # [h]
+            bias = slopes[None, :, None, None] * dist[:, None]  # [B, h, C, C]
+            h, p = bias.shape[1], n // c
+            bias = bias[:, :, :, None, :, None].expand(b, h, c, p, c, p).reshape(b, h, n, n)
+            if not bool(keys.all()):
+                bias = bias.masked_fill(~attn_mask, float("-inf"))
+            attn_mask = bias.to(x.dtype)
         for block in self.blocks:
             x = block(x, attn_mask, valid)[0]
         hidden = self.norm(x)
@@ -423,8 +434,6 @@ class MaskedSignalModel(nn.Module):
         b, c, p, _ = inp.patches.shape
         n = c * p
         visible = inp.valid & ~mask
-        tok_pos = inp.ch_pos[:, :, None, :].expand(b, c, p, 3).reshape(b, n, 3)
-        tok_known = inp.pos_known[:, :, None].expand(b, c, p).reshape(b, n)
         if self.config.encoder_input == "visible":
             enc = self.encoder.encode(inp, keep=visible)
             d = enc.tokens.shape[-1]
@@ -440,7 +449,7 @@ class MaskedSignalModel(nn.Module):
         else:
             enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
             tokens, valid = enc.tokens, enc.valid
-        out, hidden = self.decoder(tokens, valid, tok_pos, tok_known, return_hidden=True)
+        out, hidden = self.decoder(tokens, valid, inp.ch_pos, inp.pos_known, return_hidden=True)
         out = out.view(b, c, p, -1).float()
         mixed = tokens_only = None
         if self.token_head is not None:

@@ -78,6 +78,16 @@ def test_decoder_spline_path_is_mnes_spline_batched():
         np.testing.assert_allclose(est[~visible[:, t], t], ref, atol=1e-5)
 
 
+def test_tabulated_spline_kernel_equals_the_legendre_series():
+    from pretrain.mixing import legendre_g, legendre_series
+
+    cos = torch.cat([torch.linspace(-1, 1, 1001, dtype=torch.float64), torch.rand(5000) * 2 - 1])
+    exact = legendre_series(cos)
+    assert float(exact.abs().max()) > 0.01  # the kernel's scale, not a vanishing function
+    torch.testing.assert_close(legendre_g(cos), exact, atol=1e-10, rtol=0)
+    torch.testing.assert_close(legendre_g(cos.float()), exact.float(), atol=1e-7, rtol=0)
+
+
 def test_linear_gap_joins_the_edges():
     before, after = np.array([0.0, 1.0]), np.array([4.0, 0.0])
     gap = linear_gap(before, after, 3)
