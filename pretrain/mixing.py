@@ -115,6 +115,17 @@ G_TABLE_INTERVALS = 4096
 _G_TABLES: dict[tuple, Tensor] = {}
 
 
+@torch.compiler.disable  # a cache, filled once: nothing for a compiled graph to trace
+def _g_table(stiffness: int, n_terms: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    key = (stiffness, n_terms, device, dtype)
+    table = _G_TABLES.get(key)
+    if table is None:
+        grid = torch.linspace(-1.0, 1.0, G_TABLE_INTERVALS + 1, dtype=torch.float64)
+        table = legendre_series(grid.to(device), stiffness, n_terms).to(dtype)
+        _G_TABLES[key] = table
+    return table
+
+
 def legendre_g(cosang: Tensor, stiffness: int = 4, n_terms: int = 50) -> Tensor:
     """:func:`legendre_series`, read from a table of 4097 cosines by linear interpolation.
 
@@ -123,12 +134,7 @@ def legendre_g(cosang: Tensor, stiffness: int = 4, n_terms: int = 50) -> Tensor:
     the cosine. The table is computed once per device and dtype, in float64; interpolated,
     it is within 1e-10 of the series (|g| <= 0.016; tests/test_reconstruction.py).
     """
-    key = (stiffness, n_terms, cosang.device, cosang.dtype)
-    table = _G_TABLES.get(key)
-    if table is None:
-        grid = torch.linspace(-1.0, 1.0, G_TABLE_INTERVALS + 1, dtype=torch.float64)
-        table = legendre_series(grid.to(cosang.device), stiffness, n_terms).to(cosang.dtype)
-        _G_TABLES[key] = table
+    table = _g_table(stiffness, n_terms, cosang.device, cosang.dtype)
     u = (cosang.clamp(-1.0, 1.0) + 1.0) * (G_TABLE_INTERVALS / 2)
     i = u.floor().clamp(max=G_TABLE_INTERVALS - 1)
     frac = u - i
