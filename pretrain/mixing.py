@@ -134,6 +134,8 @@ def legendre_g(cosang: Tensor, stiffness: int = 4, n_terms: int = 50) -> Tensor:
     the cosine. The table is computed once per device and dtype, in float64; interpolated,
     it is within 1e-10 of the series (|g| <= 0.016; tests/test_reconstruction.py).
     """
+    if torch.compiler.is_compiling():  # inductor fuses the series into one kernel
+        return legendre_series(cosang, stiffness, n_terms)
     table = _g_table(stiffness, n_terms, cosang.device, cosang.dtype)
     u = (cosang.clamp(-1.0, 1.0) + 1.0) * (G_TABLE_INTERVALS / 2)
     i = u.floor().clamp(max=G_TABLE_INTERVALS - 1)
