@@ -66,6 +66,16 @@ def spatial_slopes(heads: int, enabled: bool, learned: bool, owner: nn.Module) -
     return owner.spatial_slope
 
 
+def distance_bias(raw_slopes: Tensor, pos: Tensor, known: Tensor) -> Tensor:
+    """Positions `[B, M, 3]` (m) and `known [B, M]` -> attention-logit bias `[B, h, M, M]`:
+    -softplus(raw_slopes)_h x distance in head radii; 0 for a pair with an unknown position.
+    The encoder's and the decoder's spatial bias (over tokens or over channels)."""
+    dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M  # [B, M, M]
+    dist = dist * (known[:, :, None] & known[:, None, :])
+    slopes = F.softplus(raw_slopes.float())  # [h]
+    return -slopes[None, :, None, None] * dist[:, None]
+
+
 # ---- input step --------------------------------------------------------------------------
 
 
@@ -413,13 +423,8 @@ class Encoder(nn.Module):
         return chan[:, :, None, :] + time[None, None]
 
     def spatial_bias(self, pos: Tensor, known: Tensor) -> Tensor:
-        """Token positions `[B, N, 3]` (m) and `known [B, N]` -> logit bias `[B, h, N, N]`:
-        -slope_h x distance in head radii; 0 for a pair with an unknown position."""
-        dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M  # [B, N, N]
-        both = known[:, :, None] & known[:, None, :]
-        dist = dist * both
-        slopes = F.softplus(self.spatial_slope.float())  # [h]
-        return -slopes[None, :, None, None] * dist[:, None]
+        """Token positions `[B, N, 3]` (m) and `known [B, N]` -> logit bias `[B, h, N, N]`."""
+        return distance_bias(self.spatial_slope, pos, known)
 
     def encode(
         self,

@@ -115,7 +115,6 @@ G_TABLE_INTERVALS = 4096
 _G_TABLES: dict[tuple, Tensor] = {}
 
 
-@torch.compiler.disable  # a cache, filled once: nothing for a compiled graph to trace
 def _g_table(stiffness: int, n_terms: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     key = (stiffness, n_terms, device, dtype)
     table = _G_TABLES.get(key)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.encoder import HEAD_RADIUS_M, Block, Encoder, EncoderInput, spatial_slopes
+from pretrain.encoder import Block, Encoder, EncoderInput, distance_bias, spatial_slopes
 from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
@@ -332,10 +332,7 @@ class Decoder(nn.Module):
             # per channel pair, then repeated over the P x P patch pairs: the distance of every
             # token pair from a C x C table (a 128-channel window's N x N cdist and its scaling
             # were two thirds of the decoder's forward)
-            dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M  # [B, C, C]
-            dist = dist * (known[:, :, None] & known[:, None, :])
-            slopes = -F.softplus(self.spatial_slope.float())  # [h]
-            bias = slopes[None, :, None, None] * dist[:, None]  # [B, h, C, C]
+            bias = distance_bias(self.spatial_slope, pos, known)  # [B, h, C, C]
             h, p = bias.shape[1], n // c
             bias = bias[:, :, :, None, :, None].expand(b, h, c, p, c, p).reshape(b, h, n, n)
             if torch.compiler.is_compiling() or not bool(keys.all()):  # no host sync compiled
