@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.contrast import SplitContrast
 from pretrain.encoder import Block, Encoder, EncoderInput, distance_bias, spatial_slopes
 from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
@@ -123,6 +124,18 @@ class MSMConfig:
     # ``subject_buckets`` classes
     subject_adversary: float = 0.0
     subject_buckets: int = 256
+    # > 0: the split-window contrast (pretrain/contrast.py) at this weight: each window's two
+    # time halves, encoded apart from a random ``contrast_keep`` of their patches, must find
+    # each other among the batch's windows (InfoNCE at ``contrast_temperature`` on a
+    # ``contrast_dim``-wide projection of the mean token). It asks the tokens for what lasts
+    # across a trial -- where reconstruction asks for what interpolates
+    contrast_weight: float = 0.0
+    contrast_temperature: float = 0.1
+    contrast_dim: int = 64
+    contrast_keep: float = 0.5
+    # "batch": every other window of the batch is a negative; "subject": only windows of the
+    # same subject (provenance), so subject traits cannot solve the task
+    contrast_negatives: str = "batch"
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -161,6 +174,18 @@ class MSMConfig:
             raise ValueError(f"subject_adversary must be >= 0, got {self.subject_adversary}")
         if self.subject_buckets < 2:
             raise ValueError(f"subject_buckets must be >= 2, got {self.subject_buckets}")
+        if self.contrast_weight < 0:
+            raise ValueError(f"contrast_weight must be >= 0, got {self.contrast_weight}")
+        if self.contrast_temperature <= 0:
+            raise ValueError(f"contrast_temperature must be > 0, got {self.contrast_temperature}")
+        if self.contrast_dim < 1:
+            raise ValueError(f"contrast_dim must be >= 1, got {self.contrast_dim}")
+        if self.contrast_negatives not in ("batch", "subject"):
+            raise ValueError(
+                f"contrast_negatives must be 'batch' or 'subject', got {self.contrast_negatives!r}"
+            )
+        if not 0.0 < self.contrast_keep <= 1.0:
+            raise ValueError(f"contrast_keep must be in (0, 1], got {self.contrast_keep}")
         if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
             raise ValueError(
                 "mix_heads/time_mix/spline_path predict samples: they need target signal or both"
@@ -398,6 +423,11 @@ class MaskedSignalModel(nn.Module):
         self.band_head = (
             nn.Linear(enc.dim, len(EEG_BANDS_HZ)) if config.band_target_weight else None
         )
+        self.contrast = None
+        if config.contrast_weight:
+            self.contrast = SplitContrast(
+                enc.dim, config.contrast_dim, config.contrast_temperature, config.contrast_keep
+            )
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
@@ -533,14 +563,30 @@ class MaskedSignalModel(nn.Module):
         if self.band_head is not None:
             out["mse_bands"] = self.band_target_loss(enc, inp.valid, visible)
             mse = mse + self.config.band_target_weight * out["mse_bands"]
+        aux = enc.aux_loss
+        if self.contrast is not None:
+            groups = None
+            if self.config.contrast_negatives == "subject":
+                if not (isinstance(batch, Mapping) and "meta" in batch):
+                    raise ValueError(
+                        "msm.contrast_negatives=subject needs each sample's meta (provenance) "
+                        "in the batch; pass reader batches or set contrast_negatives=batch"
+                    )
+                ids = [subject_bucket(m, 1 << 30) for m in batch["meta"]]
+                groups = torch.tensor(ids, device=inp.patches.device)
+            out["contrast"], out["contrast_top1"], contrast_aux = self.contrast(
+                self.encoder, inp, generator, groups
+            )
+            mse = mse + self.config.contrast_weight * out["contrast"]
+            aux = aux + contrast_aux
         adversary = None
         if self.subject_head is not None and isinstance(batch, Mapping) and "meta" in batch:
             adversary = self.subject_loss(enc, batch["meta"])
             out["subject_ce"] = adversary.detach()
         out.update(
-            loss=mse + enc.aux_loss + (adversary if adversary is not None else 0.0),
+            loss=mse + aux + (adversary if adversary is not None else 0.0),
             mse=mse,
-            aux_loss=enc.aux_loss,
+            aux_loss=aux,
             mask=mask,
             valid=inp.valid,
             n_masked=n_masked,

@@ -30,7 +30,9 @@ class MSMTrainer(Trainer):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         out = self.engine(batch, generator=generator)
-        parts = {k: v.detach() for k, v in out.items() if k.startswith(("mse_", "subject_"))}
+        parts = {
+            k: v.detach() for k, v in out.items() if k.startswith(("mse_", "subject_", "contrast"))
+        }
         return {
             "loss": out["loss"],  # mse + aux_loss
             "metrics": {"loss": out["mse"].detach(), "aux_loss": out["aux_loss"].detach(), **parts},
