@@ -110,7 +110,8 @@ def launch(world, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess
 
 
 @pytest.mark.xfail(
-    reason="depends on the CPU: on Intel Xeon with AMX (2026-12-02..06) held-out top-1 0.250 vs "
+    reason="depends on the CPU: xfailed in CI 2026-12-02..06 (Intel Xeon with AMX where the CPU "
+    "was recorded), held-out top-1 0.250 vs "
     "the required chance + 0.25 = 0.375 (shuffled 0.125; per-window 0.298 vs 0.081); on AMD EPYC "
     "without AMX (2026-12-06, 6db51b4) it passes: top-1 0.625, per-window 0.379 vs 0.065. Eight "
     "held-out stimuli make each 0.125 of top-1; reported in issue 16",
