@@ -42,6 +42,13 @@ def split_views(valid: Tensor, keep: float, generator: torch.Generator | None = 
     return (valid[None] & halves & (draw < keep)).reshape(2 * b, c, p)
 
 
+def doubled(inp: EncoderInput) -> EncoderInput:
+    """The batch twice over `[2B, ...]`: one copy per view, which ``keep`` then tells apart."""
+    return EncoderInput(
+        **{f.name: torch.cat([getattr(inp, f.name)] * 2) for f in dataclasses.fields(inp)}
+    )
+
+
 class SplitContrast(nn.Module):
     """Projection head + loss; the encoder is passed in (it belongs to the model)."""
 
@@ -53,10 +60,7 @@ class SplitContrast(nn.Module):
     def embed(self, encoder: Encoder, inp: EncoderInput, keep: Tensor) -> tuple[Tensor, Tensor]:
         """Encode each view of `keep [2B, C, P]` on its own -> (unit projections `[2B, Z]`,
         MoE aux loss `[]`)."""
-        doubled = EncoderInput(
-            **{f.name: torch.cat([getattr(inp, f.name)] * 2) for f in dataclasses.fields(inp)}
-        )
-        enc = encoder.encode(doubled, keep=keep)
+        enc = encoder.encode(doubled(inp), keep=keep)
         pooled = Encoder.pool(enc).float()  # [2B, D]
         # standardised over the batch's views: mean tokens share a large common part (cosine
         # ~0.998 between windows), which would leave the projection nearly constant

@@ -501,7 +501,8 @@ class MaskedSignalModel(nn.Module):
         mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """-> ``loss`` (= ``mse`` + ``aux_loss``: what to backpropagate), ``mse`` (masked,
-        valid patches; ``mse_signal`` + weights x ``mse_spectrum``/``mse_tokens`` as configured), ``aux_loss``,
+        valid patches; ``mse_signal`` + weights x ``mse_spectrum``/``mse_tokens``/``contrast`` as
+        configured), ``aux_loss``,
         ``pred``/``target`` `[B, C, P, L]` (``pred_spectrum``/``target_spectrum``
         `[B, C, P, F]` with a spectral target), ``mask``/``valid``
         `[B, C, P]`, ``n_masked``, ``scale`` `[B]` (pred x scale x input_scale_uv = uV),

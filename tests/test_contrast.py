@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.contrast import SplitContrast, split_views
+from pretrain.contrast import SplitContrast, doubled, split_views
 from pretrain.encoder import Encoder
 from pretrain.encoder_config import get_config
 from pretrain.msm import MaskedSignalModel, MSMConfig
@@ -40,8 +40,7 @@ def test_each_half_is_encoded_without_the_other():
     keep = split_views(inp.valid, 1.0)
 
     def first_half_tokens(x):
-        doubled = type(x)(*(torch.cat([v, v]) for v in vars(x).values()))
-        return enc.encode(doubled, keep=keep).tokens[:4]
+        return enc.encode(doubled(x), keep=keep).tokens[:4]
 
     changed = enc.prepare({"eeg": eeg.clone(), "ch_names": [names] * 4})
     changed.patches[:, :, 2:] = changed.patches[:, :, 2:] * 40 + 5.0
