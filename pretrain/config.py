@@ -201,6 +201,7 @@ class PretrainConfig(RunPaths):
     ranges: ClassVar[dict[str, Range]] = {
         "msm.mask_ratio": FRACTION,
         "msm.block_ratio": FRACTION,
+        "msm.block_random_ratio": PROBABILITY,
         "msm.block_patches": COUNT,
         "msm.decoder_dim": NON_NEGATIVE,
         "msm.decoder_depth": NON_NEGATIVE,

@@ -96,6 +96,10 @@ class MSMConfig:
     # fraction of time blocks hidden in time_block/mixed masking (None: mask_ratio); a lower
     # value leaves visible patches on both sides of a gap, as at evaluation
     block_ratio: float | None = None
+    # time_block/mixed: a time-block sample also hides this fraction of its other patches at
+    # random (0: the block only). The encoder's cost follows the patches it sees, and a block
+    # sample otherwise shows it (1 - block_ratio) of them: 75% at the recipe's 0.25
+    block_random_ratio: float = 0.0
     # > 0 with a raw path: a linear head on the decoder's hidden states also reconstructs the
     # hidden samples *without* the raw paths, at this weight. The raw paths interpolate so well
     # that the encoder need not carry the waveform (their features probe below random-init on
@@ -160,6 +164,8 @@ class MSMConfig:
             )
         if self.block_ratio is not None and not 0.0 < self.block_ratio < 1.0:
             raise ValueError(f"block_ratio must be in (0, 1), got {self.block_ratio}")
+        if not 0.0 <= self.block_random_ratio < 1.0:
+            raise ValueError(f"block_random_ratio must be in [0, 1), got {self.block_random_ratio}")
         if self.mix_heads < 0:
             raise ValueError(f"mix_heads must be >= 0, got {self.mix_heads}")
         if self.token_weight < 0:
@@ -270,17 +276,26 @@ def make_mask(
     block: int = 1,
     generator: torch.Generator | None = None,
     block_ratio: float | None = None,
+    block_random_ratio: float = 0.0,
 ) -> Tensor:
     """`valid [B, C, P]` -> mask `[B, C, P]` (True = hidden; always a subset of valid).
-    ``block_ratio`` (default ``ratio``) is the fraction of time blocks hidden."""
+    ``block_ratio`` (default ``ratio``) is the fraction of time blocks hidden; a time-block
+    sample also hides ``block_random_ratio`` of its other valid patches at random."""
     block_ratio = ratio if block_ratio is None else block_ratio
+
+    def blocks() -> Tensor:
+        blk = time_block_mask(valid, block_ratio, block, generator)
+        if block_random_ratio > 0:
+            blk = blk | random_mask(valid & ~blk, block_random_ratio, generator)
+        return blk
+
     if mode == "random":
         return random_mask(valid, ratio, generator)
     if mode == "time_block":
-        return time_block_mask(valid, block_ratio, block, generator)
+        return blocks()
     if mode == "mixed":
         rnd = random_mask(valid, ratio, generator)
-        blk = time_block_mask(valid, block_ratio, block, generator)
+        blk = blocks()
         coin = _rand((valid.shape[0],), generator, valid.device) < 0.5
         return torch.where(coin[:, None, None], rnd, blk)
     raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
@@ -432,7 +447,13 @@ class MaskedSignalModel(nn.Module):
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
         return make_mask(
-            valid, cfg.mask_ratio, cfg.mask_mode, cfg.block_patches, generator, cfg.block_ratio
+            valid,
+            cfg.mask_ratio,
+            cfg.mask_mode,
+            cfg.block_patches,
+            generator,
+            cfg.block_ratio,
+            cfg.block_random_ratio,
         )
 
     def target(self, patches: Tensor) -> Tensor:

@@ -514,6 +514,25 @@ def test_time_block_mask_hides_every_channel_of_a_span():
     assert not (mask & ~valid).any()
 
 
+def test_time_block_samples_can_also_hide_random_patches():
+    """``block_random_ratio``: the block stays hidden on every channel, and that fraction of
+    each sample's other valid patches is hidden too (the encoder sees fewer tokens)."""
+    valid = torch.ones(6, 19, 4, dtype=torch.bool)
+    valid[0, 15:] = False
+    gen = torch.Generator().manual_seed(0)
+    only = make_mask(valid, 0.6, "time_block", 1, gen, 0.25)
+    gen = torch.Generator().manual_seed(0)
+    both = make_mask(valid, 0.6, "time_block", 1, gen, 0.25, 0.75)
+    assert torch.equal(both & only, only)  # the same block, then more
+    rest = (valid & ~only).sum((1, 2))  # [B]
+    extra = (both & ~only).sum((1, 2))
+    assert extra.tolist() == torch.round(rest * 0.75).long().tolist()
+    assert not (both & ~valid).any()
+    mixed = make_mask(valid, 0.8, "mixed", 1, torch.Generator().manual_seed(3), 0.25, 0.75)
+    seen = (valid & ~mixed).sum((1, 2)).float() / valid.sum((1, 2))
+    assert (seen <= 0.2 + 1e-6).all(), seen  # random samples 20%, block samples 75% x 25%
+
+
 def test_norm_target():
     model = tiny_msm(norm_target=True)
     out = model(make_batch([4], [4.0], seed=13))
