@@ -137,6 +137,14 @@ class FinetuneTrainer(Trainer):
             "lineage": self.lineage(),
         }
 
+    def train(self) -> dict[str, Any]:
+        """The base loop, then the scratch folder goes: a Ray worker ends without running
+        atexit, so TemporaryDirectory's own clean-up left one folder per rank in /tmp."""
+        try:
+            return super().train()
+        finally:
+            self._tmp.cleanup()
+
     def finish(self, tracker: Tracker) -> dict[str, Any]:
         from finetune.evaluate import evaluate
         from finetune.model import META_FILE
