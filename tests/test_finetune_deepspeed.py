@@ -130,12 +130,13 @@ def test_retrieval_of_held_out_stimuli_beats_chance_and_shuffled_pairs(world):
         f"{k} {v['value']:.3f} (shuffled pairs {v['control']:.3f})" for k, v in report.items()
     )
     print(message)
-    # Asserted per window: each held-out window against the held-out images. The per-stimulus
-    # top-1 (each stimulus's averaged EEG) is printed, not asserted: with 8 held-out stimuli one
-    # stimulus moves it by 0.125, and it swung between 0.250 and 0.625 with the CPU's float
-    # rounding (Intel AMX vs AMD EPYC, 2026-12-02..06) while the per-window figure stayed at
-    # 0.30-0.38 against shuffled pairs' 0.07-0.08.
-    window = report["window_top1"]
+    # The margins are asserted per window: each held-out window against the held-out images.
+    # The per-stimulus top-1 (each stimulus's averaged EEG) need only beat shuffled pairs: with
+    # 8 held-out stimuli one stimulus moves it by 0.125, and it swung between 0.250 and 0.625
+    # with the CPU's float rounding (Intel AMX vs AMD EPYC, 2026-12-02..06) while the per-window
+    # figure stayed at 0.30-0.38 against shuffled pairs' 0.07-0.08.
+    top1, window = report["top1"], report["window_top1"]
+    assert top1["value"] > top1["control"], message
     assert window["value"] >= chance + 0.1 and window["value"] >= window["control"] + 0.1, message
 
 
