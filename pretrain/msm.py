@@ -452,8 +452,8 @@ class MaskedSignalModel(nn.Module):
             cfg.mask_mode,
             cfg.block_patches,
             generator,
-            cfg.block_ratio,
-            cfg.block_random_ratio,
+            block_ratio=cfg.block_ratio,
+            block_random_ratio=cfg.block_random_ratio,
         )
 
     def target(self, patches: Tensor) -> Tensor:
