@@ -105,6 +105,12 @@ class MSMConfig:
     # that the encoder need not carry the waveform (their features probe below random-init on
     # MOABB); this loss makes it carry it, while the prediction scored stays the mixed one
     token_weight: float = 0.0
+    # with ``token_weight``: the raw paths' prediction (and the decoder head added to it) reads
+    # the decoder's hidden states through a stop-gradient, so only the token-only loss trains
+    # the encoder and the decoder blocks. The scored prediction still mixes visible raw patches,
+    # but the encoder can no longer lean on them at all: without raw paths the features probe
+    # above their random twins across subjects (bench/RESULTS.md, "MOABB", ``noraw``)
+    mix_detached: bool = False
     # > 0: a *linear* head on the encoder's output tokens predicts each visible patch's own
     # log band amplitude (``own_spectrum_bands`` log-spaced bands), at this weight. The classes
     # of motor imagery (and of the simulator) live in band power, which a random-init encoder's
@@ -170,6 +176,13 @@ class MSMConfig:
             raise ValueError(f"mix_heads must be >= 0, got {self.mix_heads}")
         if self.token_weight < 0:
             raise ValueError(f"token_weight must be >= 0, got {self.token_weight}")
+        if self.mix_detached and not (
+            self.token_weight and (self.mix_heads or self.time_mix or self.spline_path)
+        ):
+            raise ValueError(
+                "mix_detached trains the encoder through the token-only head alone: it needs "
+                "token_weight > 0 and a raw path (mix_heads, time_mix or spline_path)"
+            )
         if self.own_spectrum_weight < 0:
             raise ValueError(f"own_spectrum_weight must be >= 0, got {self.own_spectrum_weight}")
         if self.own_spectrum_bands < 1:
@@ -498,10 +511,14 @@ class MaskedSignalModel(nn.Module):
             enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
             tokens, valid = enc.tokens, enc.valid
         out, hidden = self.decoder(tokens, valid, inp.ch_pos, inp.pos_known, return_hidden=True)
-        out = out.view(b, c, p, -1).float()
         mixed = tokens_only = None
         if self.token_head is not None:
             tokens_only = self.token_head(hidden).view(b, c, p, -1).float()
+        if self.config.mix_detached:  # the sample prediction scored: no gradient upstream
+            hidden = hidden.detach()
+            length = inp.patches.shape[-1]
+            out = torch.cat([self.decoder.head(hidden)[..., :length], out[..., length:]], -1)
+        out = out.view(b, c, p, -1).float()
         if any(m is not None for m in (self.spatial_mix, self.time_mix, self.spline_path)):
             h = hidden.view(b, c, p, -1)
             unclipped = self.unclipped(inp, enc)

@@ -145,6 +145,52 @@ def test_token_loss_reaches_the_encoder_but_not_the_raw_paths():
         MSMConfig(**args, token_weight=-1.0)
 
 
+def test_detached_raw_paths_train_only_themselves():
+    """``msm.mix_detached``: the scored (mixed) prediction is unchanged, but its loss trains
+    only the raw paths and the decoder's output head; the encoder and the decoder blocks learn
+    from the token-only loss alone."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig
+    from tests.test_encoder_contract import make_batch
+
+    cfg = get_config("tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False)
+    args = dict(
+        encoder=cfg,
+        encoder_input="visible",
+        center_patches=True,
+        mix_heads=2,
+        time_mix=True,
+        spline_path=True,
+        token_weight=1.0,
+    )
+    torch.manual_seed(0)
+    attached = MaskedSignalModel(MSMConfig(**args))
+    detached = MaskedSignalModel(MSMConfig(**args, mix_detached=True))
+    detached.load_state_dict(attached.state_dict())
+    batch = make_batch([19, 32], [4.0, 4.0], seed=6)
+    ref = attached(batch, generator=torch.Generator().manual_seed(0))
+    out = detached(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["pred"], ref["pred"])
+    torch.testing.assert_close(out["mse"], ref["mse"])
+
+    out["mse_signal"].backward()
+    upstream = [*detached.encoder.parameters(), *detached.decoder.blocks.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in upstream)
+    trained = [
+        detached.time_mix.prev.weight,
+        detached.decoder.head.weight,
+        detached.spline_path.gate.weight,
+    ]
+    assert all(p.grad is not None and p.grad.any() for p in trained)
+    ref["mse_signal"].backward()  # attached: the same loss reaches the encoder
+    assert attached.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    detached.zero_grad(set_to_none=True)
+    out = detached(batch, generator=torch.Generator().manual_seed(0))
+    out["mse_tokens"].backward()
+    assert detached.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mix_detached"):
+        MSMConfig(**{**args, "token_weight": 0.0}, mix_detached=True)
+
+
 def _encoded_grid(model, batch, out) -> tuple:
     """Re-encode what the model's forward saw (its mask) and scatter the encoded tokens back
     to the token grid -> (encoder output, tokens `[B, C*P, D]` float32, visible `[B, C, P]`)."""
