@@ -72,9 +72,12 @@ class HeadsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from finetune.generate import load_finetuned
 
-        self._workdir = tempfile.TemporaryDirectory(prefix="brainmoe-heads-")
         folder = context.artifacts[ARTIFACT]
-        self.model, self.meta, _ = load_finetuned(folder, None, Path(self._workdir.name))
+        # the encoder version it resolves is downloaded here and read into memory: the folder
+        # goes at once (held for the model's life it stayed in /tmp whenever the process ended
+        # without atexit, as a Ray worker does after MLflow validates an input example)
+        with tempfile.TemporaryDirectory(prefix="brainmoe-heads-") as workdir:
+            self.model, self.meta, _ = load_finetuned(folder, None, Path(workdir))
         self.gallery = None  # (stimulus ids [S], their CLIP image embeddings [S, Dc])
         if context.artifacts.get(GALLERY):
             from finetune.clip_cache import ClipCache
