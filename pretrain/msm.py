@@ -51,6 +51,7 @@ from pretrain.encoder import Block, Encoder, EncoderInput, distance_bias, spatia
 from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
+from pretrain.packing import make_packing
 from pretrain.spectral import EEG_BANDS_HZ, channel_band_power, log_spectrum
 
 MASK_MODES = ("random", "time_block", "mixed")
@@ -350,8 +351,10 @@ class Decoder(nn.Module):
         patch_len: int,
         spatial: bool = False,
         learn_slopes: bool = True,
+        packing: bool = False,
     ):
         super().__init__()
+        self.packing = packing  # as the encoder's: run valid tokens only (pretrain/packing.py)
         out_std = 0.02 / math.sqrt(2 * max(depth, 1))
         self.spatial_slope = spatial_slopes(heads, spatial, learn_slopes, self)  # as the encoder's
         self.proj = nn.Linear(in_dim, dim)
@@ -376,9 +379,11 @@ class Decoder(nn.Module):
         """`tokens [B, N, in_dim]` in channel-major order (N = C x P), `valid [B, N]`
         (channel positions `pos [B, C, 3]`, `known [B, C]` for the spatial bias) ->
         `[B, N, out]` (and the hidden states `[B, N, d]`)."""
+        x = self.proj(tokens)
+        if self.packing and not x.is_meta and not bool(valid.all()):
+            return self._packed(x, valid, pos, known, return_hidden)
         keys = valid | ~valid.any(1, keepdim=True)
         attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
-        x = self.proj(tokens)
         if self.spatial_slope is not None and pos is not None:
             b, n = valid.shape
             c = pos.shape[1]
@@ -394,6 +399,30 @@ class Decoder(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask, valid)[0]
         hidden = self.norm(x)
+        out = self.head(hidden)
+        return (out, hidden) if return_hidden else out
+
+    def _packed(self, x: Tensor, valid: Tensor, pos, known, return_hidden: bool):
+        """The blocks on the valid tokens only (a mixed-montage batch is padded to its largest
+        montage: up to half the decoder's tokens are padding) -> as ``forward``, zeros of the
+        hidden states where padding (their predictions are never scored)."""
+        bias = None
+        if self.spatial_slope is not None and pos is not None:
+            b, n = valid.shape
+            p = n // pos.shape[1]
+            tok_pos = pos.repeat_interleave(p, 1)  # [B, N, 3] channel-major, as the tokens
+            tok_known = known.repeat_interleave(p, 1)  # [B, N]
+
+            def bias(rows: Tensor, idx: Tensor) -> Tensor:  # [b_L, L] -> [b_L, h, L, L]
+                where = tok_pos[rows].gather(1, idx[..., None].expand(*idx.shape, 3))
+                ok = tok_known[rows].gather(1, idx)
+                return distance_bias(self.spatial_slope, where, ok).to(x.dtype)
+
+        packing = make_packing(valid, bias)
+        x = packing.pack(x)  # [Nt, d]
+        for block in self.blocks:
+            x = block(x, packing, None)[0]
+        hidden = packing.unpack(self.norm(x))  # [B, N, d]
         out = self.head(hidden)
         return (out, hidden) if return_hidden else out
 
@@ -429,6 +458,7 @@ class MaskedSignalModel(nn.Module):
             config.out_dim,
             spatial=enc.spatial_bias,
             learn_slopes=enc.learn_spatial_slopes,
+            packing=enc.packing,
         )
         d = config.decoder_dim_resolved
         self.spatial_mix = SpatialMix(d, config.mix_heads) if config.mix_heads else None
@@ -523,14 +553,42 @@ class MaskedSignalModel(nn.Module):
             h = hidden.view(b, c, p, -1)
             unclipped = self.unclipped(inp, enc)
             raw = self.target(unclipped) if self.config.center_patches else unclipped
-            mixed = torch.zeros_like(raw, dtype=torch.float32)
-            if self.spatial_mix is not None:
-                mixed = mixed + self.spatial_mix(h, raw, visible, inp.ch_pos, inp.pos_known)
-            if self.time_mix is not None:
-                mixed = mixed + self.time_mix(h, raw, visible)
-            if self.spline_path is not None:
-                mixed = mixed + self.spline_path(h, raw, visible, inp.ch_pos, inp.pos_known)
+            args = (h, raw, visible, inp.ch_pos, inp.pos_known)
+            # a mixed-montage batch is padded to its widest montage, and the raw paths cost C
+            # (mixing) to C^3 (the spline's solve) per patch: with packing on, samples run in
+            # groups of equal width (channels up to their last one with a valid patch or a
+            # position: padding has neither), as attention does
+            used = inp.valid.any(-1) | inp.pos_known  # [B, C]
+            width = torch.where(used.any(1), c - used.flip(1).int().argmax(1), 0)  # [B]
+            grouped = (
+                self.encoder.config.packing
+                and not torch.compiler.is_compiling()
+                and not bool((width == c).all())
+            )
+            if not grouped:
+                mixed = self.raw_paths(*args)
+            else:
+                mixed = raw.new_zeros(raw.shape, dtype=torch.float32)
+                for w in torch.unique(width).tolist():
+                    rows = (width == w).nonzero().squeeze(1)
+                    if w:
+                        mixed[rows, :w] = self.raw_paths(*(t[rows, :w] for t in args))
         return enc, out, mixed, tokens_only
+
+    def raw_paths(
+        self, h: Tensor, raw: Tensor, visible: Tensor, pos: Tensor, known: Tensor
+    ) -> Tensor:
+        """The decoder's raw-sample paths (pretrain/mixing.py), summed: `h [B, C, P, d]`,
+        `raw [B, C, P, L]`, `visible [B, C, P]`, `pos [B, C, 3]`, `known [B, C]` ->
+        `[B, C, P, L]` float32."""
+        mixed = torch.zeros_like(raw, dtype=torch.float32)
+        if self.spatial_mix is not None:
+            mixed = mixed + self.spatial_mix(h, raw, visible, pos, known)
+        if self.time_mix is not None:
+            mixed = mixed + self.time_mix(h, raw, visible)
+        if self.spline_path is not None:
+            mixed = mixed + self.spline_path(h, raw, visible, pos, known)
+        return mixed
 
     def forward(
         self,

@@ -60,6 +60,44 @@ def test_packed_gradients_equal_padded_ones():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_packed_decoder_gives_the_padded_predictions_and_loss():
+    """The recipe's decoder (spatial bias, raw paths, token head) on a mixed-montage batch:
+    packed, its blocks run on valid tokens only; predictions of valid patches, the loss and
+    the gradients match the padded decoder's."""
+    from pretrain.msm import MaskedSignalModel, MSMConfig
+
+    cfg = get_config("tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False)
+    args = dict(
+        encoder_input="visible",
+        mask_mode="mixed",
+        center_patches=True,
+        mix_heads=2,
+        time_mix=True,
+        spline_path=True,
+        token_weight=1.0,
+    )
+    torch.manual_seed(0)
+    packed = MaskedSignalModel(MSMConfig(encoder=cfg, **args))
+    padded = MaskedSignalModel(MSMConfig(encoder=dataclasses.replace(cfg, packing=False), **args))
+    padded.load_state_dict(packed.state_dict())
+    assert packed.decoder.packing and not padded.decoder.packing
+    batch = make_batch([19, 32, 64], [4.0, 4.0, 4.0], seed=5)
+    outs, grads = [], []
+    for model in (packed, padded):
+        out = model(batch, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    a, b = outs
+    valid = a["valid"]
+    assert not bool(valid.all()), "the batch must hold padding for this test to mean anything"
+    torch.testing.assert_close(a["pred"][valid], b["pred"][valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(a["loss"], b["loss"], atol=2e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_hidden_patches_do_not_reach_the_encoder(packing):
     """MAE: the values of hidden patches (and their share of the input scale) change nothing."""
