@@ -65,17 +65,10 @@ def test_packed_decoder_gives_the_padded_predictions_and_loss():
     packed, its blocks run on valid tokens only; predictions of valid patches, the loss and
     the gradients match the padded decoder's."""
     from pretrain.msm import MaskedSignalModel, MSMConfig
+    from tests.test_reconstruction import RECIPE_DECODER
 
     cfg = get_config("tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False)
-    args = dict(
-        encoder_input="visible",
-        mask_mode="mixed",
-        center_patches=True,
-        mix_heads=2,
-        time_mix=True,
-        spline_path=True,
-        token_weight=1.0,
-    )
+    args = dict(**RECIPE_DECODER, mask_mode="mixed")
     torch.manual_seed(0)
     packed = MaskedSignalModel(MSMConfig(encoder=cfg, **args))
     padded = MaskedSignalModel(MSMConfig(encoder=dataclasses.replace(cfg, packing=False), **args))

@@ -122,6 +122,17 @@ def test_encoder_that_sees_only_visible_patches_ignores_hidden_values(channel_ba
     assert out.index.shape == out.valid.shape and int(out.valid.sum()) == int(keep.sum())
 
 
+# the recipe's objective around a tiny encoder: MAE input, raw-sample paths, token-only head
+RECIPE_DECODER = dict(
+    encoder_input="visible",
+    center_patches=True,
+    mix_heads=2,
+    time_mix=True,
+    spline_path=True,
+    token_weight=1.0,
+)
+
+
 def test_token_loss_reaches_the_encoder_but_not_the_raw_paths():
     """``msm.token_weight``: the token-only reconstruction is added at its weight, and its
     gradient trains the encoder (it cannot lean on the raw-sample mixing paths)."""
@@ -153,15 +164,7 @@ def test_detached_raw_paths_train_only_themselves():
     from tests.test_encoder_contract import make_batch
 
     cfg = get_config("tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False)
-    args = dict(
-        encoder=cfg,
-        encoder_input="visible",
-        center_patches=True,
-        mix_heads=2,
-        time_mix=True,
-        spline_path=True,
-        token_weight=1.0,
-    )
+    args = dict(encoder=cfg, **RECIPE_DECODER)
     torch.manual_seed(0)
     attached = MaskedSignalModel(MSMConfig(**args))
     detached = MaskedSignalModel(MSMConfig(**args, mix_detached=True))
