@@ -109,8 +109,9 @@ class MSMConfig:
     # with ``token_weight``: the raw paths' prediction (and the decoder head added to it) reads
     # the decoder's hidden states through a stop-gradient, so only the token-only loss trains
     # the encoder and the decoder blocks. The scored prediction still mixes visible raw patches,
-    # but the encoder can no longer lean on them at all: without raw paths the features probe
-    # above their random twins across subjects (bench/RESULTS.md, "MOABB", ``noraw``)
+    # but the encoder can no longer lean on them at all (without raw paths, ``noraw``, the
+    # features probed above their random twins across subjects). Measured on EEGMMIDB it does
+    # not bring that back: MOABB inside the recipe's seed spread (bench/RESULTS.md, "MOABB")
     mix_detached: bool = False
     # > 0: a *linear* head on the encoder's output tokens predicts each visible patch's own
     # log band amplitude (``own_spectrum_bands`` log-spaced bands), at this weight. The classes
