@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.channel_vocab import ChannelVocab
 from pretrain.encoder_config import CONFIGS, EncoderConfig, get_config, list_configs
 from pretrain.moe import MoE, SwiGLU
-from pretrain.packing import Packing, make_packing, packed_attention
+from pretrain.packing import Packing, gathered_bias, make_packing, packed_attention
 from pretrain.spectral import EEG_BANDS_HZ, channel_band_power, log_spectrum
 
 FORMAT_VERSION = 1
@@ -491,11 +491,7 @@ class Encoder(nn.Module):
             # padding (montages, kept counts) would cost compute: run the valid tokens only
             bias = None
             if cfg.spatial_bias:
-
-                def bias(rows: Tensor, idx: Tensor) -> Tensor:  # [b_L, L] -> [b_L, h, L, L]
-                    pos = tok_pos[rows].gather(1, idx[..., None].expand(*idx.shape, 3))
-                    return self.spatial_bias(pos, tok_known[rows].gather(1, idx)).to(dtype)
-
+                bias = gathered_bias(self.spatial_bias, tok_pos, tok_known, dtype)
             packing = make_packing(valid, bias)
             x, attn_mask, block_valid = packing.pack(x), packing, None  # x [Nt, D]
         else:

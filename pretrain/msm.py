@@ -36,6 +36,7 @@ keep the earlier one, for the ablation rows in bench/RESULTS.md):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -51,7 +52,7 @@ from pretrain.encoder import Block, Encoder, EncoderInput, distance_bias, spatia
 from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
-from pretrain.packing import make_packing
+from pretrain.packing import gathered_bias, make_packing
 from pretrain.spectral import EEG_BANDS_HZ, channel_band_power, log_spectrum
 
 MASK_MODES = ("random", "time_block", "mixed")
@@ -381,49 +382,39 @@ class Decoder(nn.Module):
         (channel positions `pos [B, C, 3]`, `known [B, C]` for the spatial bias) ->
         `[B, N, out]` (and the hidden states `[B, N, d]`)."""
         x = self.proj(tokens)
+        packing, block_valid = None, valid
         if self.packing and not x.is_meta and not bool(valid.all()):
-            return self._packed(x, valid, pos, known, return_hidden)
-        keys = valid | ~valid.any(1, keepdim=True)
-        attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
-        if self.spatial_slope is not None and pos is not None:
-            b, n = valid.shape
-            c = pos.shape[1]
-            # per channel pair, then repeated over the P x P patch pairs: the distance of every
-            # token pair from a C x C table (a 128-channel window's N x N cdist and its scaling
-            # were two thirds of the decoder's forward)
-            bias = distance_bias(self.spatial_slope, pos, known)  # [B, h, C, C]
-            h, p = bias.shape[1], n // c
-            bias = bias[:, :, :, None, :, None].expand(b, h, c, p, c, p).reshape(b, h, n, n)
-            if torch.compiler.is_compiling() or not bool(keys.all()):  # no host sync compiled
-                bias = bias.masked_fill(~attn_mask, float("-inf"))
-            attn_mask = bias.to(x.dtype)
+            # a mixed-montage batch is padded to its widest montage (up to half the decoder's
+            # tokens): run the valid tokens only, as the encoder does
+            bias = None
+            if self.spatial_slope is not None and pos is not None:
+                p = valid.shape[1] // pos.shape[1]
+                tok_pos = pos.repeat_interleave(p, 1)  # [B, N, 3] channel-major, as the tokens
+                tok_known = known.repeat_interleave(p, 1)  # [B, N]
+                slope = functools.partial(distance_bias, self.spatial_slope)
+                bias = gathered_bias(slope, tok_pos, tok_known, x.dtype)
+            packing = make_packing(valid, bias)
+            x, attn_mask, block_valid = packing.pack(x), packing, None  # x [Nt, d]
+        else:
+            keys = valid | ~valid.any(1, keepdim=True)
+            attn_mask = keys[:, None, None, :]  # [B, 1, 1, N]
+            if self.spatial_slope is not None and pos is not None:
+                b, n = valid.shape
+                c = pos.shape[1]
+                # per channel pair, then repeated over the P x P patch pairs: the distance of
+                # every token pair from a C x C table (a 128-channel window's N x N cdist and its
+                # scaling were two thirds of the decoder's forward)
+                bias = distance_bias(self.spatial_slope, pos, known)  # [B, h, C, C]
+                h, p = bias.shape[1], n // c
+                bias = bias[:, :, :, None, :, None].expand(b, h, c, p, c, p).reshape(b, h, n, n)
+                if torch.compiler.is_compiling() or not bool(keys.all()):  # no host sync compiled
+                    bias = bias.masked_fill(~attn_mask, float("-inf"))
+                attn_mask = bias.to(x.dtype)
         for block in self.blocks:
-            x = block(x, attn_mask, valid)[0]
+            x = block(x, attn_mask, block_valid)[0]
         hidden = self.norm(x)
-        out = self.head(hidden)
-        return (out, hidden) if return_hidden else out
-
-    def _packed(self, x: Tensor, valid: Tensor, pos, known, return_hidden: bool):
-        """The blocks on the valid tokens only (a mixed-montage batch is padded to its largest
-        montage: up to half the decoder's tokens are padding) -> as ``forward``, zeros of the
-        hidden states where padding (their predictions are never scored)."""
-        bias = None
-        if self.spatial_slope is not None and pos is not None:
-            b, n = valid.shape
-            p = n // pos.shape[1]
-            tok_pos = pos.repeat_interleave(p, 1)  # [B, N, 3] channel-major, as the tokens
-            tok_known = known.repeat_interleave(p, 1)  # [B, N]
-
-            def bias(rows: Tensor, idx: Tensor) -> Tensor:  # [b_L, L] -> [b_L, h, L, L]
-                where = tok_pos[rows].gather(1, idx[..., None].expand(*idx.shape, 3))
-                ok = tok_known[rows].gather(1, idx)
-                return distance_bias(self.spatial_slope, where, ok).to(x.dtype)
-
-        packing = make_packing(valid, bias)
-        x = packing.pack(x)  # [Nt, d]
-        for block in self.blocks:
-            x = block(x, packing, None)[0]
-        hidden = packing.unpack(self.norm(x))  # [B, N, d]
+        if packing is not None:
+            hidden = packing.unpack(hidden)  # [B, N, d], zeros where padding (never scored)
         out = self.head(hidden)
         return (out, hidden) if return_hidden else out
 

@@ -79,6 +79,20 @@ def make_packing(valid: Tensor, bias: Callable[[Tensor, Tensor], Tensor] | None 
     return Packing(flat, groups, b, n)
 
 
+def gathered_bias(
+    bias: Callable[[Tensor, Tensor], Tensor], tok_pos: Tensor, tok_known: Tensor, dtype
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """A pairwise bias over token positions (``bias(pos [b, L, 3], known [b, L])`` -> `[b, h,
+    L, L]`, e.g. electrode distance) as :func:`make_packing` asks for it: per group of rows,
+    from the `[B, N, 3]` / `[B, N]` token positions of the padded batch."""
+
+    def group_bias(rows: Tensor, idx: Tensor) -> Tensor:  # [b_L, L] -> [b_L, h, L, L]
+        pos = tok_pos[rows].gather(1, idx[..., None].expand(*idx.shape, 3))
+        return bias(pos, tok_known[rows].gather(1, idx)).to(dtype)
+
+    return group_bias
+
+
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, dropout: float) -> Tensor:
     """q, k, v `[Nt, h, D/h]` -> `[Nt, h, D/h]`: each sample attends to its own tokens only."""
     out = torch.empty_like(q)
