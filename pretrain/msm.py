@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from pretrain.contrast import SplitContrast
 from pretrain.encoder import Block, Encoder, EncoderInput, distance_bias, spatial_slopes
 from pretrain.encoder_config import EncoderConfig, get_config, strict_from_dict
+from pretrain.latent import LatentTarget
 from pretrain.mixing import SpatialMix, SplinePath, TimeMix
 from pretrain.moe import SwiGLU, load_imbalance
 from pretrain.packing import gathered_bias, make_packing
@@ -149,6 +150,11 @@ class MSMConfig:
     # "batch": every other window of the batch is a negative; "subject": only windows of the
     # same subject (provenance), so subject traits cannot solve the task
     contrast_negatives: str = "batch"
+    # > 0: masked latent prediction (pretrain/latent.py) at this weight: a linear head on the
+    # decoder's hidden state predicts, at each hidden patch, the encoder's own layer-normed
+    # token there when it sees the whole window (stop-gradient) -- data2vec's target beside
+    # the samples
+    latent_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, str):
@@ -206,6 +212,8 @@ class MSMConfig:
             raise ValueError(
                 f"contrast_negatives must be 'batch' or 'subject', got {self.contrast_negatives!r}"
             )
+        if self.latent_weight < 0:
+            raise ValueError(f"latent_weight must be >= 0, got {self.latent_weight}")
         if not 0.0 < self.contrast_keep <= 1.0:
             raise ValueError(f"contrast_keep must be in (0, 1], got {self.contrast_keep}")
         if (self.mix_heads or self.time_mix or self.spline_path) and self.target == "spectrum":
@@ -478,6 +486,8 @@ class MaskedSignalModel(nn.Module):
             self.contrast = SplitContrast(
                 enc.dim, config.contrast_dim, config.contrast_temperature, config.contrast_keep
             )
+        d_latent = config.decoder_dim_resolved
+        self.latent = LatentTarget(d_latent, enc.dim) if config.latent_weight else None
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
@@ -513,7 +523,8 @@ class MaskedSignalModel(nn.Module):
     def decode(self, inp: EncoderInput, mask: Tensor):
         """Encode what is visible, decode every patch -> (encoder output, predictions
         `[B, C, P, out_dim]` float32, sample predictions of the mixing paths or None, sample
-        predictions of ``token_head`` `[B, C, P, L]` or None)."""
+        predictions of ``token_head`` `[B, C, P, L]` or None, the decoder's hidden state
+        `[B, N, d]`)."""
         b, c, p, _ = inp.patches.shape
         n = c * p
         visible = inp.valid & ~mask
@@ -533,6 +544,7 @@ class MaskedSignalModel(nn.Module):
             enc = self.encoder.encode(inp, token_mask=mask, mask_token=self.mask_token)
             tokens, valid = enc.tokens, enc.valid
         out, hidden = self.decoder(tokens, valid, inp.ch_pos, inp.pos_known, return_hidden=True)
+        decoded = hidden  # [B, N, d]
         mixed = tokens_only = None
         if self.token_head is not None:
             tokens_only = self.token_head(hidden).view(b, c, p, -1).float()
@@ -565,7 +577,7 @@ class MaskedSignalModel(nn.Module):
                     rows = (width == w).nonzero().squeeze(1)
                     if w:
                         mixed[rows, :w] = self.raw_paths(*(t[rows, :w] for t in args))
-        return enc, out, mixed, tokens_only
+        return enc, out, mixed, tokens_only, decoded
 
     def raw_paths(
         self, h: Tensor, raw: Tensor, visible: Tensor, pos: Tensor, known: Tensor
@@ -605,7 +617,7 @@ class MaskedSignalModel(nn.Module):
             mask = self.make_mask(inp.valid, generator)
         else:
             mask = mask.to(inp.valid.device, torch.bool) & inp.valid
-        enc, out_all, mixed, tokens_only = self.decode(inp, mask)
+        enc, out_all, mixed, tokens_only, decoded = self.decode(inp, mask)
         n_masked = mask.sum()
 
         visible = inp.valid & ~mask
@@ -652,6 +664,9 @@ class MaskedSignalModel(nn.Module):
         if self.band_head is not None:
             out["mse_bands"] = self.band_target_loss(enc, inp.valid, visible)
             mse = mse + self.config.band_target_weight * out["mse_bands"]
+        if self.latent is not None:
+            out["mse_latent"] = self.latent(self.encoder, inp, decoded, mask)
+            mse = mse + self.config.latent_weight * out["mse_latent"]
         aux = enc.aux_loss
         if self.contrast is not None:
             groups = None
