@@ -13,7 +13,9 @@ batch (19/32/64 together) packed vs padded; and DreamDiffusion's design, a chann
 (bench/channel_mix_mae.py: one token = all 128 channels x 4 samples, 75% dropped) at equal
 encoder parameters. Model FLOPs come from torch's FlopCounterMode on one step; the achieved
 fraction is against a large GEMM's rate measured in the same run. Each row runs in its own
-process so its peak memory is its own. The MoE's FFN overhead is also measured alone.
+process so its peak memory is its own; each ratio of the targets is measured again with its
+two rows in one process, their steps alternating, since rows minutes apart on a shared VM moved
+by up to a fifth between runs. The MoE's FFN overhead is also measured alone.
 
 Figures go to the "Pretraining" section of bench/RESULTS.md.
 """
@@ -27,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -105,12 +108,9 @@ def model_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def run_one(spec: dict, args: argparse.Namespace) -> dict:
-    """One configuration, timed in this process (called in a child process)."""
-    import resource
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported
+def build_step(spec: dict, device: str) -> tuple[Callable[[], None], int]:
+    """One configuration's training step (forward + backward + AdamW) and its encoder's
+    active parameter count."""
     torch.manual_seed(0)
     base = GPU_MOE if device == "cuda" else CPU_MOE
     enc = dense_variant(base) if spec["model"] == "dense" else base
@@ -156,6 +156,17 @@ def run_one(spec: dict, args: argparse.Namespace) -> dict:
         if hasattr(model, "encoder"):
             model.encoder.update_router_bias()
 
+    return step, encoder_params
+
+
+def run_one(spec: dict, args: argparse.Namespace) -> dict:
+    """One configuration, timed in this process (called in a child process)."""
+    import resource
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported
+    step, encoder_params = build_step(spec, device)
+    channels = spec["channels"]
     for _ in range(args.warmup):
         step()
     flops = model_flops(step)
@@ -182,6 +193,24 @@ def run_one(spec: dict, args: argparse.Namespace) -> dict:
         if peak_tflops:
             result["mfu"] = flops / wall / (peak_tflops * 1e12)
     return result
+
+
+def run_pair(specs_ab: list[dict], args: argparse.Namespace) -> dict:
+    """Two configurations in one process, their steps alternating: the speed ratio of a over b
+    (channel-seconds per second) with the machine's drift shared by both. Rows run one per
+    process minutes apart moved by up to a fifth between runs on a shared 2-core VM."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = [build_step(spec, device)[0] for spec in specs_ab]
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+    times: list[list[float]] = [[], []]
+    for _ in range(2 * args.steps):
+        for i, step in enumerate(steps):
+            times[i] += timed_steps(step, 1, device)
+    a, b = (statistics.median(t) for t in times)
+    ch_a, ch_b = (sum(spec["channels"]) for spec in specs_ab)
+    return {"a_ms": 1e3 * a, "b_ms": 1e3 * b, "ratio": (ch_a / a) / (ch_b / b)}
 
 
 def gemm_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 10) -> float:
@@ -269,15 +298,46 @@ def specs(batch: int) -> list[dict]:
     return rows
 
 
-def child(spec: dict, passthrough: list[str]) -> dict:
+def _ratios() -> list[tuple[str, str, str, str]]:
+    """(name, row a, row b, target) of every ratio reported: a's speed over b's."""
+    ref = "channel-mixing MAE (DreamDiffusion), {c} ch padded to 128"
+    out = []
+    for model in ("dense", "moe"):
+        for suffix in ("MAE", "MAE, 80% mask"):
+            a, b = (f"brainmoe {model}, 128 ch, {x}" for x in (suffix, "before (mask tokens)"))
+            out.append((f"{model} 128 ch: {suffix} / before", a, b, ">= 3x"))
+    for c, target in ((128, ">= 0.36x"), (32, ">= 1.5x")):
+        for suffix in ("MAE", "MAE, bf16 autocast", "MAE, 80% mask"):
+            name = f"dense {c} ch ({suffix}) / channel-mixing MAE"
+            out.append((name, f"brainmoe dense, {c} ch, {suffix}", ref.format(c=c), target))
+        name = f"dense {c} ch / channel-mixing MAE, both torch.compile"
+        a, b = (
+            f"brainmoe dense, {c} ch, MAE, torch.compile",
+            f"channel-mixing MAE, {c} ch, torch.compile",
+        )
+        out.append((name, a, b, target))
+    for model in ("dense", "moe"):
+        a, b = (f"brainmoe {model}, mixed 19/32/64, MAE, {x}" for x in ("packed", "padded"))
+        out.append((f"{model} mixed batch: packed / padded", a, b, ">= 1.3x"))
+    for c in (32, 128):
+        a, b = (f"brainmoe {m}, {c} ch, MAE" for m in ("dense", "moe"))
+        out.append((f"MoE step time / dense, {c} ch (MAE)", a, b, "<= 1.25x"))
+    return out
+
+
+RATIOS = _ratios()
+
+
+def child(spec, passthrough: list[str], mode: str = "child") -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, f"--child={json.dumps(spec)}", *passthrough],
+        [sys.executable, __file__, f"--{mode}={json.dumps(spec)}", *passthrough],
         capture_output=True,
         text=True,
     )
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
-        return {**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        error = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**spec, "error": error} if isinstance(spec, dict) else {"error": error}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -291,13 +351,17 @@ def main() -> None:
     parser.add_argument("--only", help="run the rows whose label contains this text")
     parser.add_argument("--section", default="Pretraining", help="RESULTS.md section to write")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(json.loads(args.child), args)))
         return
+    if args.pair:
+        print(json.dumps(run_pair(json.loads(args.pair), args)))
+        return
 
     passthrough = [
-        f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "only", "section")
+        f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "pair", "only", "section")
     ]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
@@ -308,13 +372,21 @@ def main() -> None:
             continue
         results.append({"label": label, **child(spec, passthrough)})
         print(results[-1], flush=True)
+    by_label = dict(specs(args.batch))
+    paired = {}
+    for name, a, b, _ in RATIOS:
+        if a in by_label and b in by_label and (not args.only or args.only in a + b):
+            paired[name] = child([by_label[a], by_label[b]], passthrough, mode="pair")
+            print(name, paired[name], flush=True)
     ffn = ffn_overhead(args)
-    body = report(results, ffn, peaks, args, device)
+    body = report(results, paired, ffn, peaks, args, device)
     write_section(args.section, body)
     print(body)
 
 
-def report(results: list[dict], ffn: list[dict], peaks: dict, args, device: str) -> str:
+def report(
+    results: list[dict], paired: dict, ffn: list[dict], peaks: dict, args, device: str
+) -> str:
     cfg = GPU_MOE if device == "cuda" else CPU_MOE
     by = {r["label"]: r for r in results}
 
@@ -355,42 +427,23 @@ def report(results: list[dict], ffn: list[dict], peaks: dict, args, device: str)
         if device == "cuda":
             row += f" {100 * r['mfu']:.1f}% |" if "mfu" in r else " n/a |"
         lines.append(row)
-    ref = "channel-mixing MAE (DreamDiffusion), {c} ch padded to 128"
     lines += [
         "",
-        "Ratios (channel-seconds per second; targets from issue 12). FLOP bound: the ratio "
-        "if both ran at the same achieved GFLOP/s, i.e. what the model FLOPs per channel-second "
-        "alone allow; a measured value near it means the gap is work done, not overhead.",
+        "Ratios (channel-seconds per second; targets from issue 12). Separate processes: from "
+        "the table above, each row in its own process, minutes apart. Interleaved: the two "
+        f"rows built in one process, their steps alternating ({2 * args.steps} each, median), "
+        "so the machine's drift hits both alike -- read this column first. FLOP bound: the "
+        "ratio if both ran at the same achieved GFLOP/s, i.e. what the model FLOPs per "
+        "channel-second alone allow; a measured value near it means the gap is work done, "
+        "not overhead.",
         "",
+        "| ratio | separate processes | interleaved, one process | FLOP bound | target |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    lines += ["| ratio | value | FLOP bound | target |", "| --- | ---: | ---: | ---: |"]
-    for model in ("dense", "moe"):
-        for suffix in ("MAE", "MAE, 80% mask"):
-            lines.append(
-                f"| {model} 128 ch: {suffix} / before | "
-                f"{ratio(f'brainmoe {model}, 128 ch, {suffix}', f'brainmoe {model}, 128 ch, before (mask tokens)')} | >= 3x |"
-            )
-    for c, target in ((128, ">= 0.36x"), (32, ">= 1.5x")):
-        for suffix in ("MAE", "MAE, bf16 autocast", "MAE, 80% mask"):
-            lines.append(
-                f"| dense {c} ch ({suffix}) / channel-mixing MAE | "
-                f"{ratio(f'brainmoe dense, {c} ch, {suffix}', ref.format(c=c))} | {target} |"
-            )
-        compiled = ratio(
-            f"brainmoe dense, {c} ch, MAE, torch.compile",
-            f"channel-mixing MAE, {c} ch, torch.compile",
-        )
-        lines.append(
-            f"| dense {c} ch / channel-mixing MAE, both torch.compile | {compiled} | {target} |"
-        )
-    for model in ("dense", "moe"):
-        lines.append(
-            f"| {model} mixed batch: packed / padded | "
-            f"{ratio(f'brainmoe {model}, mixed 19/32/64, MAE, packed', f'brainmoe {model}, mixed 19/32/64, MAE, padded')} | >= 1.3x |"
-        )
-    for c in (32, 128):
-        moe_vs = ratio(f"brainmoe dense, {c} ch, MAE", f"brainmoe moe, {c} ch, MAE")
-        lines.append(f"| MoE step time / dense, {c} ch (MAE) | {moe_vs} | <= 1.25x |")
+    for name, a, b, target in RATIOS:
+        pair = paired.get(name, {})
+        inter = f"{pair['ratio']:.2f}x" if "ratio" in pair else "n/a"
+        lines.append(f"| {name} | {ratio(a, b).replace(' | ', f' | {inter} | ')} | {target} |")
     lines += [
         "",
         "Routed-compute overhead, the FFN layer alone (forward + backward on the same tokens):",
