@@ -34,6 +34,7 @@ from typing import Any
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ATTEMPTS = "attempts.jsonl"  # in the Ray run folder: one line per worker-group start
 WORKERS = "workers"  # in the Ray run folder: rank<r>.json, where each rank runs now
+RANK_PREFIX = "brainmoe-ray-rank"  # node-local folder of one rank: <prefix><r>-pid<pid>-<random>
 
 
 @dataclass
@@ -277,6 +278,32 @@ def train_loop(config: dict[str, Any]) -> None:
         store.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_dead_rank_folders(tmp: Path) -> list[Path]:
+    """Remove the node-local folders of ranks whose process is gone; return them.
+
+    A killed worker (a preempted node, Ray restarting a failed group, `kill -9`) never reaches
+    `close`, and its folder holds a full copy of the newest checkpoint: a node that restarts
+    ranks after failures would otherwise fill its temp disk. A reused pid only keeps a stale
+    folder (safe); a live rank's folder is never touched."""
+    removed = []
+    for folder in tmp.glob(f"{RANK_PREFIX}*-pid*-*"):
+        pid = folder.name.split("-pid", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class RayCheckpoints:
     """The Trainer's checkpoint store under Ray Train (see the module docstring).
 
@@ -301,7 +328,9 @@ class RayCheckpoints:
         import ray.train
 
         self.rank = trainer.rank
-        self.root = Path(tempfile.mkdtemp(prefix=f"brainmoe-ray-rank{trainer.rank}-"))
+        sweep_dead_rank_folders(Path(tempfile.gettempdir()))
+        prefix = f"{RANK_PREFIX}{trainer.rank}-pid{os.getpid()}-"
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
         ckpt_dir = self.root / "checkpoints"
         ckpt_dir.mkdir()
         reported = ray.train.get_checkpoint()

@@ -264,3 +264,19 @@ def job_status(world: dict, job: str) -> str:
 def logs(world: dict, job: str) -> str:
     out = ray_job(world, "logs", job)
     return out.stdout + out.stderr
+
+
+def test_folders_of_dead_ranks_are_swept_and_live_ones_kept(tmp_path):
+    """A killed rank never runs `close`: the next rank set up on the node removes its
+    checkpoint copy, and leaves those of ranks still running (and anything else) alone."""
+    from cluster.ray_train import RANK_PREFIX, sweep_dead_rank_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f"{RANK_PREFIX}0-pid{dead.pid}-abc"
+    live = tmp_path / f"{RANK_PREFIX}1-pid{os.getpid()}-def"
+    other = tmp_path / f"{RANK_PREFIX}0-unrelated"
+    for folder in (gone, live, other):
+        (folder / "checkpoints").mkdir(parents=True)
+    assert sweep_dead_rank_folders(tmp_path) == [gone]
+    assert not gone.exists() and live.exists() and other.exists()
