@@ -486,8 +486,7 @@ class MaskedSignalModel(nn.Module):
             self.contrast = SplitContrast(
                 enc.dim, config.contrast_dim, config.contrast_temperature, config.contrast_keep
             )
-        d_latent = config.decoder_dim_resolved
-        self.latent = LatentTarget(d_latent, enc.dim) if config.latent_weight else None
+        self.latent = LatentTarget(d, enc.dim) if config.latent_weight else None
 
     def make_mask(self, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
