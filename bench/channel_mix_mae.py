@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pretrain.encoder import sinusoid
+from pretrain.encoder_blocks import sinusoid
 
 PAD_CHANNELS = 128
 

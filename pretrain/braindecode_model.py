@@ -39,8 +39,9 @@ from braindecode.models.base import EEGModuleMixin
 from torch import Tensor, nn
 
 from pretrain.channel_vocab import ChannelVocab
-from pretrain.encoder import ENCODER_REMEDY, Encoder
+from pretrain.encoder import Encoder
 from pretrain.encoder_config import CONFIGS, EncoderConfig, get_config
+from pretrain.encoder_files import ENCODER_REMEDY
 from pretrain.features import POOLINGS, REGION_SITES, UNITS, region_of, region_pool_batch
 
 REGISTRY_PREFIXES = ("models:/", "runs:/")

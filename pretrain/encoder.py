@@ -24,17 +24,15 @@ Why it looks like this:
 - Inputs are scaled by a fixed ``input_scale_uv``; ``input_norm="window"`` then divides each
   window by one robust std of what the encoder sees and gives log(scale) back as an
   embedding, so amplitude still reaches the model.
-- The architecture is data (pretrain/encoder_config.py), the channel vocabulary its own
-  module (pretrain/channel_vocab.py).
+- The architecture is data (pretrain/encoder_config.py); the channel vocabulary, the blocks
+  and the input/output types are their own modules (pretrain/channel_vocab.py,
+  pretrain/encoder_blocks.py, pretrain/encoder_input.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,231 +41,23 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.channel_vocab import ChannelVocab
+from pretrain.encoder_blocks import (
+    Block,
+    PositionEmbedding,
+    distance_bias,
+    make_ffn,
+    sinusoid,
+    spatial_slopes,
+)
 from pretrain.encoder_config import CONFIGS, EncoderConfig, get_config, list_configs
-from pretrain.moe import MoE, SwiGLU
-from pretrain.packing import Packing, gathered_bias, make_packing, packed_attention
+from pretrain.encoder_files import EncoderFiles
+from pretrain.encoder_input import EncoderInput, EncoderOutput, resample
+from pretrain.moe import MoE
+from pretrain.packing import gathered_bias, make_packing
 from pretrain.spectral import EEG_BANDS_HZ, channel_band_power, log_spectrum
 
-FORMAT_VERSION = 1
-ENCODER_REMEDY = "re-export it (brainmoe export) or re-download it from the registry"
-HEAD_RADIUS_M = 0.1  # positions are divided by this before the Fourier features
 
-
-def spatial_slopes(heads: int, enabled: bool, learned: bool, owner: nn.Module) -> Tensor | None:
-    """softplus^-1 of per-head slopes from 0.25 to 4 per head radius (local .. global heads),
-    as a parameter of ``owner`` or a buffer (same state-dict key either way)."""
-    if not enabled:
-        return None
-    slopes = torch.logspace(math.log10(0.25), math.log10(4.0), heads)
-    raw = torch.log(torch.expm1(slopes))
-    if learned:
-        return nn.Parameter(raw)
-    owner.register_buffer("spatial_slope", raw)
-    return owner.spatial_slope
-
-
-def distance_bias(raw_slopes: Tensor, pos: Tensor, known: Tensor) -> Tensor:
-    """Positions `[B, M, 3]` (m) and `known [B, M]` -> attention-logit bias `[B, h, M, M]`:
-    -softplus(raw_slopes)_h x distance in head radii; 0 for a pair with an unknown position.
-    The encoder's and the decoder's spatial bias (over tokens or over channels)."""
-    dist = torch.cdist(pos.float(), pos.float()) / HEAD_RADIUS_M  # [B, M, M]
-    dist = dist * (known[:, :, None] & known[:, None, :])
-    slopes = F.softplus(raw_slopes.float())  # [h]
-    return -slopes[None, :, None, None] * dist[:, None]
-
-
-# ---- input step --------------------------------------------------------------------------
-
-
-def resample(
-    eeg: Tensor, time_mask: Tensor, sfreq: Sequence[float], target: float
-) -> tuple[Tensor, Tensor]:
-    """Bring `eeg [B, C, T]` (per-sample rates `sfreq`, B floats) to `target` Hz.
-
-    Antialiased linear interpolation (F.interpolate), one call per distinct rate. An output
-    sample stays valid only if every input sample its kernel touches was valid (the
-    interpolated mask is still 1), so padding cannot bleed into valid samples. Samples at
-    different rates end up with different lengths: the shorter are padded (and masked).
-    """
-    b, c, t = eeg.shape
-    rates = sorted(set(sfreq))
-    if all(abs(fs - target) < 1e-6 for fs in rates):
-        return eeg, time_mask
-    parts = []
-    for fs in rates:
-        rows = torch.tensor([i for i, s in enumerate(sfreq) if s == fs], device=eeg.device)
-        x, m = eeg[rows], time_mask[rows]
-        if abs(fs - target) >= 1e-6:
-            t_out = max(1, round(t * target / fs))
-            kw = dict(size=(1, t_out), mode="bilinear", align_corners=False, antialias=fs > target)
-            x = F.interpolate(x.reshape(-1, 1, 1, t), **kw).reshape(len(rows), c, t_out)
-            m = F.interpolate(m[:, None, None, :].float(), **kw).reshape(len(rows), t_out)
-            m = m > 1 - 1e-4
-        parts.append((rows, x, m))
-    if len(parts) == 1:
-        return parts[0][1], parts[0][2]
-    t_max = max(x.shape[-1] for _, x, _ in parts)
-    out = eeg.new_zeros(b, c, t_max)
-    mask = time_mask.new_zeros(b, t_max)
-    for rows, x, m in parts:
-        out[rows, :, : x.shape[-1]] = x
-        mask[rows, : m.shape[-1]] = m
-    return out, mask
-
-
-@dataclass
-class EncoderInput:
-    """A batch after the input step: what the transformer and the MSM target both read."""
-
-    patches: Tensor  # [B, C, P, L] float32, scaled by 1/input_scale_uv, 0 where invalid
-    valid: Tensor  # [B, C, P] bool: real channel and every sample of the patch real
-    ch_ids: Tensor  # [B, C] long, 0 = unknown
-    ch_pos: Tensor  # [B, C, 3] float32 metres, 0 where unknown
-    pos_known: Tensor  # [B, C] bool
-
-
-@dataclass
-class EncoderOutput:
-    tokens: Tensor  # [B, C*P, D], channel-major (token c*P + p); [B, Nk, D] with `keep`
-    valid: Tensor  # [B, C*P] bool; [B, Nk] with `keep`
-    n_channels: int  # C
-    n_patches: int  # P
-    aux_loss: Tensor  # [] float32 (0 unless aux_loss_coef > 0)
-    expert_counts: Tensor  # [L_moe, E] assignments per expert and MoE layer; [0, 0] if dense
-    # [B, Nk] long: flat token index (c*P + p) of each kept token; None when all were encoded
-    index: Tensor | None = None
-    # [B] float32: what each window was divided by after input_scale_uv (1 with "fixed")
-    scale: Tensor | None = None
-    # [B, C, P, L] float32: the patches as the encoder read them (normalised, clipped)
-    patches: Tensor | None = None
-    ch_pos: Tensor | None = None  # [B, C, 3] metres as the encoder placed each channel
-    pos_known: Tensor | None = None  # [B, C] bool
-
-    def grid(self) -> Tensor:
-        """Tokens as `[B, C, P, D]` (every token encoded: no `keep`)."""
-        if self.index is not None:
-            raise ValueError("grid() needs every token; this output holds only the kept ones")
-        b, _, d = self.tokens.shape
-        return self.tokens.view(b, self.n_channels, self.n_patches, d)
-
-
-# ---- modules -----------------------------------------------------------------------------
-
-
-def sinusoid(n: int, dim: int, device: torch.device | str | None = None) -> Tensor:
-    """sin/cos features of positions 0..n-1 -> `[n, dim]` (transformer style)."""
-    half = dim // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=device) / max(half, 1))
-    angle = torch.arange(n, device=device, dtype=torch.float32)[:, None] * freq[None]
-    out = torch.cat([angle.sin(), angle.cos()], dim=-1)
-    return F.pad(out, (0, dim - 2 * half))
-
-
-class PositionEmbedding(nn.Module):
-    """Electrode xyz -> `[.., D]`, exactly 0 where the position is unknown."""
-
-    def __init__(self, dim: int, n_freqs: int):
-        super().__init__()
-        self.n_freqs = n_freqs
-        self.mlp = nn.Sequential(nn.Linear(3 + 6 * n_freqs, dim), nn.GELU(), nn.Linear(dim, dim))
-        # Start as small as the name embedding, so neither drowns the signal at init.
-        nn.init.trunc_normal_(self.mlp[2].weight, std=0.02)
-        nn.init.zeros_(self.mlp[2].bias)
-
-    def forward(self, pos: Tensor, known: Tensor) -> Tensor:
-        u = pos.float() / HEAD_RADIUS_M  # [B, C, 3], about [-1, 1]
-        # 0.5..8 cycles per head radius: from hemisphere down to ~1 cm, the 10-05 spacing.
-        freqs = torch.logspace(math.log10(0.5), math.log10(8.0), self.n_freqs, device=u.device)
-        angle = (u[..., None] * (2 * math.pi) * freqs).flatten(-2)  # [B, C, 3F]
-        feats = torch.cat([u, angle.sin(), angle.cos()], dim=-1)
-        out = self.mlp(feats.to(self.mlp[0].weight.dtype))
-        return out * known[..., None].to(out.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qk_norm: bool, dropout: float, out_std: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
-        nn.init.trunc_normal_(self.qkv.weight, std=0.02)
-        nn.init.trunc_normal_(self.out.weight, std=out_std)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | Packing) -> Tensor:
-        """`x [B, N, D]`, `attn_mask [B, 1, 1, N]` (True = key may be attended) -> `[B, N, D]`;
-        or packed: `x [Nt, D]` with its :class:`Packing` -> `[Nt, D]`."""
-        if isinstance(attn_mask, Packing):
-            nt, d = x.shape
-            q, k, v = self.qkv(x).view(nt, 3, self.heads, d // self.heads).unbind(1)
-            q, k = self.q_norm(q), self.k_norm(k)  # [Nt, h, D/h]
-            dropout = self.dropout if self.training else 0.0
-            y = packed_attention(q, k, v, attn_mask, dropout)
-            return self.out(y.reshape(nt, d))
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)  # [B, N, h, D/h]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # [B, h, N, D/h]
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; the FFN is a :class:`MoE` or a dense :class:`SwiGLU`."""
-
-    def __init__(
-        self, dim: int, heads: int, ffn: nn.Module, qk_norm: bool, dropout: float, out_std: float
-    ):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, qk_norm, dropout, out_std)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ffn = ffn
-        self.drop = nn.Dropout(dropout)
-
-    def forward(
-        self, x: Tensor, attn_mask: Tensor | Packing, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (x `[B, N, D]` or packed `[Nt, D]`, aux loss `[]`, expert counts `[E]` or `[0]`);
-        ``valid`` is None when x is packed (every token real)."""
-        x = x + self.drop(self.attn(self.norm1(x), attn_mask))
-        h = self.norm2(x)
-        if isinstance(self.ffn, MoE):
-            y, aux, counts = self.ffn(h, valid)
-        else:
-            y = self.ffn(h)
-            aux = x.new_zeros((), dtype=torch.float32)
-            counts = torch.zeros(0, dtype=torch.int64, device=x.device)
-        return x + self.drop(y), aux, counts
-
-
-def make_ffn(config: EncoderConfig, dim: int, hidden: int, out_std: float) -> nn.Module:
-    if not config.is_moe:
-        ffn = SwiGLU(dim, hidden, out_std)
-    else:
-        ffn = MoE(
-            dim,
-            hidden,
-            config.n_experts,
-            config.top_k,
-            n_shared=config.n_shared_experts,
-            gate=config.gate,
-            bias_update_rate=config.router_bias_rate,
-            aux_loss_coef=config.aux_loss_coef,
-            backend=config.expert_backend,
-            out_std=out_std,
-        )
-    return ffn
-
-
-class Encoder(nn.Module):
+class Encoder(EncoderFiles, nn.Module):
     """The EEG encoder. ``forward(batch)`` takes the reader's dict (or a bare `[B, C, T]`
     tensor of uV at ``config.sfreq``) and returns an :class:`EncoderOutput`."""
 
@@ -586,91 +376,6 @@ class Encoder(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         idle = sum((m.n_experts - m.top_k) * m.params_per_expert for m in self.moe_layers())
         return {"total": total, "active": total - idle}
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """``path/model.safetensors`` + ``path/config.json`` (config and channel vocabulary).
-
-        Under ZeRO-3 gather the full parameters first (e.g. inside
-        ``deepspeed.zero.GatheredParameters``) and call this on rank 0 only.
-        """
-        from safetensors.torch import save_file
-
-        from pretrain.artifacts import write_checksums
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-        meta = {
-            "model_type": "brainmoe-encoder",
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "channel_vocab": list(self.vocab.names),
-        }
-        (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        # sha256 + size of the weights in config.json: from_pretrained refuses damaged bytes
-        write_checksums(path, ["model.safetensors"], "config.json")
-        return path
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Save with a model card and upload as one commit of ``repo_id``; -> commit URL.
-        ``kwargs``: see :func:`pretrain.hub.push_folder` (``private``, ``token``, ...)."""
-        from pretrain.hub import push_encoder
-        from pretrain.model_card import write_model_card
-
-        return push_encoder(self.save_pretrained, write_model_card, repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-        *,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        **overrides: Any,
-    ) -> Encoder:
-        """Rebuild a saved encoder exactly (router biases included), without DeepSpeed.
-
-        ``path``: a folder or a Hub repo id ("org/name"), read through the Hub cache
-        (pretrain/hub.py). ``overrides`` change non-architectural fields (e.g.
-        ``activation_checkpointing``, ``expert_backend``, ``dropout``).
-        """
-        from pretrain.artifacts import ArtifactError, load_safetensors, read_json, verify_checksums
-        from pretrain.hub import resolve
-
-        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        path = resolve(path, token=token, **hub)
-        remedy = ENCODER_REMEDY
-        meta = read_json(path / "config.json", remedy)
-        if meta.get("model_type") != "brainmoe-encoder":
-            raise ArtifactError(
-                f"{path}/config.json is not a brainmoe encoder's (model_type "
-                f"{meta.get('model_type')!r}); give a folder written by save_pretrained"
-            )
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer brainmoe")
-        config = EncoderConfig.from_dict({**meta["config"], **overrides})
-        verify_checksums(path, "config.json", remedy)  # before a tensor is read
-        state = load_safetensors(path / "model.safetensors", str(device), remedy)
-        with torch.device("meta"):  # no random init of weights about to be overwritten
-            model = cls(config, meta["channel_vocab"])
-        model.load_state_dict(state, strict=True, assign=True)
-        model._materialize_buffers(torch.device(device))
-        if dtype is not None:
-            model.to(dtype)
-        return model
-
-    def _materialize_buffers(self, device: torch.device) -> None:
-        """Recreate the non-saved buffers left on meta by a meta build + assign-load."""
-        for layer in self.moe_layers():
-            layer.counts = torch.zeros(layer.n_experts, dtype=torch.int64, device=device)
-        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"tensors left on the meta device: {left}")
 
 
 def build_on_meta(config: EncoderConfig) -> Encoder:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.encoder import HEAD_RADIUS_M
+from pretrain.encoder_blocks import HEAD_RADIUS_M
 
 
 def _inverse_softplus(x: Tensor) -> Tensor:

@@ -196,7 +196,7 @@ def evaluate(
 def _evaluate(model, batches, mask_ratio, seed, keep_examples) -> dict[str, Any]:
     import torch
 
-    from pretrain.msm import make_mask
+    from pretrain.masking import make_mask
 
     gen = torch.Generator().manual_seed(seed)
     scale_uv = model.config.encoder.input_scale_uv

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from pretrain.channel_vocab import UNKNOWN_CHANNEL, ChannelVocab, channel_ids
-from pretrain.encoder import Encoder, build_on_meta, count_parameters, resample
+from pretrain.encoder import Encoder, build_on_meta, count_parameters
 from pretrain.encoder_config import CONFIGS, EncoderConfig, dense_variant, get_config, list_configs
-from pretrain.msm import MaskedSignalModel, MSMConfig, make_mask, time_block_mask
+from pretrain.encoder_input import resample
+from pretrain.masking import make_mask, time_block_mask
+from pretrain.msm import MaskedSignalModel, MSMConfig
 
 NAMES = list_configs()
 MOE_NAMES = [n for n in NAMES if not n.endswith("-dense")]

@@ -13,7 +13,7 @@ import torch
 
 from pretrain.encoder import Encoder
 from pretrain.encoder_config import get_config
-from pretrain.msm import make_mask
+from pretrain.masking import make_mask
 from tests.test_encoder_contract import make_batch
 
 

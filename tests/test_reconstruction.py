@@ -247,7 +247,8 @@ def test_band_target_reads_each_channels_window_band_power_from_its_tokens(encod
     token is scored against the channel's classic-band log amplitude over the *whole* window,
     hidden patches included, standardised per band over the batch; channels with no encoded
     token are not scored."""
-    from pretrain.msm import MaskedSignalModel, MSMConfig, standardise_bands
+    from pretrain.aux_objectives import standardise_bands
+    from pretrain.msm import MaskedSignalModel, MSMConfig
     from pretrain.spectral import channel_band_power
     from tests.test_encoder_contract import make_batch
 
@@ -385,7 +386,8 @@ def test_channel_band_power_reads_each_band_from_seen_patches_only():
 def test_subject_adversary_trains_its_classifier_and_reverses_the_encoders_gradient():
     """``msm.subject_adversary``: the subject cross-entropy joins the loss; its gradient
     reaches the classifier as is and the encoder reversed (scaled), as DANN's does."""
-    from pretrain.msm import GradReverse, MaskedSignalModel, MSMConfig, subject_bucket
+    from pretrain.aux_objectives import GradReverse, subject_bucket, subject_loss
+    from pretrain.msm import MaskedSignalModel, MSMConfig
     from tests.test_encoder_contract import make_batch
 
     x = torch.randn(3, 4, requires_grad=True)
@@ -405,7 +407,8 @@ def test_subject_adversary_trains_its_classifier_and_reverses_the_encoders_gradi
         model = MaskedSignalModel(MSMConfig(**args, subject_adversary=scale))
         out = model(batch, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(out["loss"], out["mse"] + out["aux_loss"] + out["subject_ce"])
-        ce = model.subject_loss(model.encoder.encode(model.encoder.prepare(batch)), meta)
+        enc = model.encoder.encode(model.encoder.prepare(batch))
+        ce = subject_loss(model.subject_head, scale, 256, enc, meta)
         ce.backward()
         grads[scale] = model.encoder.blocks[-1].attn.qkv.weight.grad.clone()
         assert model.subject_head[0].weight.grad.abs().sum() > 0
