@@ -2,9 +2,12 @@
 
 One work unit per file, so one unreadable file costs one unit and is reported as such.
 BIDS entities in file names (sub-, ses-, run-) become the provenance; otherwise the path
-relative to the folder identifies the recording. Files are read in a child process
-(contained.py): a reader that dies there by a signal rejects its file, with the signal in
-the reason, instead of taking the build down.
+relative to the folder identifies the recording, and every file is its own subject unless
+``subject=<regex>`` says where in the path the subject is (EEGMMIDB's ``S001/S001R03.edf``:
+``subject=S([0-9]{3})R``; write a ``+`` as ``%2B``). Subject-level splits,
+``msm.contrast_negatives=subject`` and ``msm.subject_adversary`` group windows by subject.
+Files are read in a child process (contained.py): a reader that dies there by a signal
+rejects its file, with the signal in the reason, instead of taking the build down.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class FilesParams:
     pattern: str = "**/*"  # glob under the folder
     preload_limit_mb: float = 4096.0  # larger files are rejected instead of exhausting memory
     read_timeout_s: float = 1800.0  # a reader still busy after this is killed (0: no limit)
+    # a regular expression searched in each file's path relative to the folder: its first
+    # group is the file's subject (the whole path is then the run). None: a BIDS sub- entity,
+    # else the file itself
+    subject: str | None = None
 
 
 class FilesSource:
@@ -60,7 +67,21 @@ class FilesSource:
         folder = Path(parsed.argument).expanduser()
         if not folder.is_dir():
             raise ValueError(f"source {spec!r}: {folder} is not a folder")
-        return cls(spec, folder.resolve(), parse_params(FilesParams, parsed.params, spec))
+        params = parse_params(FilesParams, parsed.params, spec)
+        if params.subject is not None:
+            try:
+                groups = re.compile(params.subject).groups
+            except re.error as err:
+                raise ValueError(f"source {spec!r}: subject={params.subject!r}: {err}") from None
+            if groups < 1:
+                raise ValueError(
+                    f"source {spec!r}: subject={params.subject!r} has no group; put the "
+                    "subject in parentheses, e.g. subject=S([0-9]{3})R for S001R03.edf"
+                )
+        return cls(spec, folder.resolve(), params)
+
+    def _subject_rx(self) -> re.Pattern[str] | None:
+        return re.compile(self.params.subject) if self.params.subject is not None else None
 
     def _paths(self) -> list[Path]:
         paths = [
@@ -77,6 +98,19 @@ class FilesSource:
                 f"source {self.spec!r}: no recordings under {self.folder} (looked for "
                 f"{', '.join(EXTENSIONS)} matching {self.params.pattern!r})"
             )
+        rx = self._subject_rx()
+        if rx is not None:  # every file must say its subject: refuse before reading any
+            unmatched = [
+                p.relative_to(self.folder).as_posix()
+                for p in paths
+                if not rx.search(p.relative_to(self.folder).as_posix())
+            ]
+            if unmatched:
+                raise ValueError(
+                    f"source {self.spec!r}: subject={rx.pattern!r} finds no subject in "
+                    f"{len(unmatched)} of {len(paths)} files (first: {unmatched[0]!r}); fix the "
+                    "pattern or narrow the files with pattern=<glob>"
+                )
         units = []
         for path in paths:
             rel = path.relative_to(self.folder).as_posix()
@@ -92,7 +126,7 @@ class FilesSource:
 
     def load(self, unit: WorkUnit) -> Iterator[Recording | Rejected]:
         path, rel = Path(unit.payload["path"]), unit.payload["rel"]
-        provenance = _provenance(self.dataset, rel, rel)
+        provenance = _provenance(self.dataset, rel, rel, self._subject_rx())
         size_mb = sum(p.stat().st_size for p in _companions(path)) / 2**20
         if size_mb > self.params.preload_limit_mb:
             yield Rejected(provenance, f"file too large to preload ({size_mb:.0f} MB)")
@@ -138,7 +172,13 @@ def _companions(path: Path) -> list[Path]:
     return [path] + [p for p in siblings if p != path and p.exists()]
 
 
-def _provenance(dataset: str, rel: str, file: str) -> Provenance:
+def _provenance(
+    dataset: str, rel: str, file: str, subject: re.Pattern[str] | None = None
+) -> Provenance:
+    if subject is not None:  # checked in units(): every path matches
+        found_subject = subject.search(rel)
+        assert found_subject is not None, rel
+        return Provenance(dataset, safe_key(found_subject.group(1)), "0", safe_key(rel), file)
     stem = Path(rel).name
     found = {key: rx.search(stem) for key, rx in _BIDS.items()}
     if found["sub"]:
