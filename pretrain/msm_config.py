@@ -93,7 +93,9 @@ class MSMConfig:
     # apart, the encoder to make that impossible. Frozen features that decode within a subject
     # do not transfer across subjects (bench/RESULTS.md, "MOABB"); this asks pretraining for
     # features without the subject. Subjects come from each sample's provenance, hashed into
-    # ``subject_buckets`` classes
+    # ``subject_buckets`` classes (a non-BIDS ``files:`` corpus needs ``subject=<regex>``, or
+    # each file is a subject). Measured on EEGMMIDB with the four people hidden from the mean
+    # token: reconstruction kept, MOABB worse within and across subjects (bench/RESULTS.md)
     subject_adversary: float = 0.0
     subject_buckets: int = 256
     # > 0: the split-window contrast (pretrain/contrast.py) at this weight: each window's two
@@ -106,7 +108,7 @@ class MSMConfig:
     contrast_dim: int = 64
     contrast_keep: float = 0.5
     # "batch": every other window of the batch is a negative; "subject": only windows of the
-    # same subject (provenance), so subject traits cannot solve the task
+    # same subject (provenance, as for ``subject_adversary``), so subject traits cannot solve it
     contrast_negatives: str = "batch"
     # > 0: masked latent prediction (pretrain/latent.py) at this weight: a linear head on the
     # decoder's hidden state predicts, at each hidden patch, the encoder's own layer-normed
