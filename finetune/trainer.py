@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,22 @@ class FinetuneTrainer(Trainer):
 
     def __init__(self, cfg: FinetuneConfig, checkpoints=None, prepared: dict | None = None):
         self._record = prepared
-        super().__init__(cfg, checkpoints)
+        self._scratch: Path | None = None
+        try:
+            super().__init__(cfg, checkpoints)
+        except BaseException:  # e.g. a refused adapter: train(), which cleans up, never runs
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+            raise
 
     def validate(self, world: int) -> None:
         validate_finetune(self.cfg, world)
         record = self._record if self._record is not None else self._shared_record(world)
-        self._tmp = tempfile.TemporaryDirectory(prefix="brainmoe-finetune-")
-        self.prep = load_prepared(self.cfg, record, Path(self._tmp.name))
+        # this rank's scratch: only an encoder or adapters fetched from elsewhere land here,
+        # and the download makes the folder. Made up front, a rank its launcher killed (when
+        # the other rank refused its input) left an empty folder in /tmp every time
+        self._scratch = Path(tempfile.gettempdir()) / f"brainmoe-finetune-{uuid.uuid4().hex[:12]}"
+        self.prep = load_prepared(self.cfg, record, self._scratch)
         self.clip = ClipCache.load(clip_folder(self.cfg))
 
     def _shared_record(self, world: int) -> dict:
@@ -68,7 +79,7 @@ class FinetuneTrainer(Trainer):
                 self.cfg,
                 self.cfg.init_adapters,
                 self.prep.encoder_fingerprint,
-                Path(self._tmp.name) / "init",
+                self._scratch / "init",
             )
             model.load_adapters(folder)
         fields: dict[str, dict[str, torch.Tensor]] = {}
@@ -138,12 +149,13 @@ class FinetuneTrainer(Trainer):
         }
 
     def train(self) -> dict[str, Any]:
-        """The base loop, then the scratch folder goes: a Ray worker ends without running
-        atexit, so TemporaryDirectory's own clean-up left one folder per rank in /tmp."""
+        """The base loop, then the scratch folder goes if anything was fetched into it (a Ray
+        worker ends without running atexit: no finaliser would remove it)."""
         try:
             return super().train()
         finally:
-            self._tmp.cleanup()
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
 
     def finish(self, tracker: Tracker) -> dict[str, Any]:
         from finetune.evaluate import evaluate
