@@ -48,8 +48,8 @@ class FinetuneTrainer(Trainer):
         validate_finetune(self.cfg, world)
         record = self._record if self._record is not None else self._shared_record(world)
         # this rank's scratch: only an encoder or adapters fetched from elsewhere land here,
-        # and the download makes the folder. Made up front, a rank its launcher killed (when
-        # the other rank refused its input) left an empty folder in /tmp every time
+        # and the download makes the folder. Made up front, every rank that never reached
+        # train()'s clean-up (a killed worker) left an empty folder in /tmp
         self._scratch = Path(tempfile.gettempdir()) / f"brainmoe-finetune-{uuid.uuid4().hex[:12]}"
         self.prep = load_prepared(self.cfg, record, self._scratch)
         self.clip = ClipCache.load(clip_folder(self.cfg))
