@@ -278,16 +278,6 @@ def train_loop(config: dict[str, Any]) -> None:
         store.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def sweep_dead_rank_folders(tmp: Path) -> list[Path]:
     """Remove the node-local folders of ranks whose process is gone; return them.
 
@@ -295,10 +285,12 @@ def sweep_dead_rank_folders(tmp: Path) -> list[Path]:
     `close`, and its folder holds a full copy of the newest checkpoint: a node that restarts
     ranks after failures would otherwise fill its temp disk. A reused pid only keeps a stale
     folder (safe); a live rank's folder is never touched."""
+    import psutil
+
     removed = []
     for folder in tmp.glob(f"{RANK_PREFIX}*-pid*-*"):
         pid = folder.name.split("-pid", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -40,9 +40,12 @@ class FinetuneTrainer(Trainer):
         try:
             super().__init__(cfg, checkpoints)
         except BaseException:  # e.g. a refused adapter: train(), which cleans up, never runs
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
+            self._drop_scratch()
             raise
+
+    def _drop_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def validate(self, world: int) -> None:
         validate_finetune(self.cfg, world)
@@ -154,8 +157,7 @@ class FinetuneTrainer(Trainer):
         try:
             return super().train()
         finally:
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
+            self._drop_scratch()
 
     def finish(self, tracker: Tracker) -> dict[str, Any]:
         from finetune.evaluate import evaluate

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pretrain.encoder_config import EncoderConfig
+
+if TYPE_CHECKING:  # the class this mixin is part of
+    from pretrain.encoder import Encoder
 
 FORMAT_VERSION = 1
 ENCODER_REMEDY = "re-export it (brainmoe export) or re-download it from the registry"
@@ -69,7 +72,7 @@ class EncoderFiles:
         local_files_only: bool = False,
         token: str | bool | None = None,
         **overrides: Any,
-    ) -> Self:
+    ) -> Encoder:
         """Rebuild a saved encoder exactly (router biases included), without DeepSpeed.
 
         ``path``: a folder or a Hub repo id ("org/name"), read through the Hub cache

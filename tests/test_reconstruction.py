@@ -408,7 +408,7 @@ def test_subject_adversary_trains_its_classifier_and_reverses_the_encoders_gradi
         out = model(batch, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(out["loss"], out["mse"] + out["aux_loss"] + out["subject_ce"])
         enc = model.encoder.encode(model.encoder.prepare(batch))
-        ce = subject_loss(model.subject_head, scale, 256, enc, meta)
+        ce = subject_loss(model.subject_head, scale, model.config.subject_buckets, enc, meta)
         ce.backward()
         grads[scale] = model.encoder.blocks[-1].attn.qkv.weight.grad.clone()
         assert model.subject_head[0].weight.grad.abs().sum() > 0

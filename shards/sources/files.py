@@ -59,6 +59,8 @@ class FilesSource:
     def __init__(self, spec: str, folder: Path, params: FilesParams):
         self.spec, self.folder, self.params = spec, folder, params
         self.dataset = params.dataset or folder.name
+        # checked in from_spec; every file's subject comes from it
+        self.subject_rx = re.compile(params.subject) if params.subject is not None else None
 
     @classmethod
     def from_spec(cls, spec: str, parsed: Spec) -> FilesSource:
@@ -80,9 +82,6 @@ class FilesSource:
                 )
         return cls(spec, folder.resolve(), params)
 
-    def _subject_rx(self) -> re.Pattern[str] | None:
-        return re.compile(self.params.subject) if self.params.subject is not None else None
-
     def _paths(self) -> list[Path]:
         paths = [
             p
@@ -98,13 +97,10 @@ class FilesSource:
                 f"source {self.spec!r}: no recordings under {self.folder} (looked for "
                 f"{', '.join(EXTENSIONS)} matching {self.params.pattern!r})"
             )
-        rx = self._subject_rx()
+        rx = self.subject_rx
         if rx is not None:  # every file must say its subject: refuse before reading any
-            unmatched = [
-                p.relative_to(self.folder).as_posix()
-                for p in paths
-                if not rx.search(p.relative_to(self.folder).as_posix())
-            ]
+            rels = (p.relative_to(self.folder).as_posix() for p in paths)
+            unmatched = [rel for rel in rels if not rx.search(rel)]
             if unmatched:
                 raise ValueError(
                     f"source {self.spec!r}: subject={rx.pattern!r} finds no subject in "
@@ -126,7 +122,7 @@ class FilesSource:
 
     def load(self, unit: WorkUnit) -> Iterator[Recording | Rejected]:
         path, rel = Path(unit.payload["path"]), unit.payload["rel"]
-        provenance = _provenance(self.dataset, rel, rel, self._subject_rx())
+        provenance = _provenance(self.dataset, rel, rel, self.subject_rx)
         size_mb = sum(p.stat().st_size for p in _companions(path)) / 2**20
         if size_mb > self.params.preload_limit_mb:
             yield Rejected(provenance, f"file too large to preload ({size_mb:.0f} MB)")
