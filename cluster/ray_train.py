@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.scratch import pid_prefix, sweep_dead
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ATTEMPTS = "attempts.jsonl"  # in the Ray run folder: one line per worker-group start
 WORKERS = "workers"  # in the Ray run folder: rank<r>.json, where each rank runs now
@@ -279,21 +281,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def sweep_dead_rank_folders(tmp: Path) -> list[Path]:
-    """Remove the node-local folders of ranks whose process is gone; return them.
-
-    A killed worker (a preempted node, Ray restarting a failed group, `kill -9`) never reaches
-    `close`, and its folder holds a full copy of the newest checkpoint: a node that restarts
-    ranks after failures would otherwise fill its temp disk. A reused pid only keeps a stale
-    folder (safe); a live rank's folder is never touched."""
-    import psutil
-
-    removed = []
-    for folder in tmp.glob(f"{RANK_PREFIX}*-pid*-*"):
-        pid = folder.name.split("-pid", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+    """Remove the node-local folders of ranks whose process is gone; return them. Each holds
+    a full copy of the newest checkpoint, and a killed worker never reaches `close`
+    (pretrain/scratch.py)."""
+    return sweep_dead(tmp, RANK_PREFIX)
 
 
 class RayCheckpoints:
@@ -321,8 +312,7 @@ class RayCheckpoints:
 
         self.rank = trainer.rank
         sweep_dead_rank_folders(Path(tempfile.gettempdir()))
-        prefix = f"{RANK_PREFIX}{trainer.rank}-pid{os.getpid()}-"
-        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.root = Path(tempfile.mkdtemp(prefix=pid_prefix(f"{RANK_PREFIX}{trainer.rank}")))
         ckpt_dir = self.root / "checkpoints"
         ckpt_dir.mkdir()
         reported = ray.train.get_checkpoint()

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,13 @@ from finetune.pairs import Pairing
 from finetune.prepare import clip_folder, data_root, validate_finetune
 from finetune.prepared import load_prepared, prepare_run
 from finetune.splits import KeySelect
+from pretrain.scratch import scratch_path, sweep_dead
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer, log
 from shards.reader import ReaderConfig, make_loader
 from shards.sample import collate_eeg
+
+SCRATCH_PREFIX = "brainmoe-finetune"  # <prefix>-pid<pid>-<random>: one rank's fetched files
 
 
 class FinetuneTrainer(Trainer):
@@ -52,8 +54,11 @@ class FinetuneTrainer(Trainer):
         record = self._record if self._record is not None else self._shared_record(world)
         # this rank's scratch: only an encoder or adapters fetched from elsewhere land here,
         # and the download makes the folder. Made up front, every rank that never reached
-        # train()'s clean-up (a killed worker) left an empty folder in /tmp
-        self._scratch = Path(tempfile.gettempdir()) / f"brainmoe-finetune-{uuid.uuid4().hex[:12]}"
+        # train()'s clean-up (a killed worker) left an empty folder in /tmp; named by pid, the
+        # copies of ranks killed after fetching are swept by the next rank on the node
+        tmp = Path(tempfile.gettempdir())
+        sweep_dead(tmp, SCRATCH_PREFIX)
+        self._scratch = scratch_path(tmp, SCRATCH_PREFIX)
         self.prep = load_prepared(self.cfg, record, self._scratch)
         self.clip = ClipCache.load(clip_folder(self.cfg))
 
