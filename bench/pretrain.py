@@ -62,6 +62,8 @@ SFREQ = 200.0
 # The recipe with the encoder shown a fifth of the patches (issue 12's FLOP lever: the encoder
 # is three quarters of a step's forward FLOPs; learning figures in RESULTS "MOABB")
 HIGH_MASK = {"mask_ratio": 0.8, "block_random_ratio": 0.75}
+# The decoder's attention split into channel and time heads (pretrain/criss_cross.py)
+CRISS_CROSS_LABEL = "criss-cross decoder"
 
 
 def recipe_msm(
@@ -288,6 +290,15 @@ def specs(batch: int) -> list[dict]:
         for model in ("dense", "moe"):
             add(f"brainmoe {model}, {c} ch, MAE, 80% mask", model, [c] * batch, msm=HIGH_MASK)
     for c in (32, 128):
+        for model in ("dense", "moe"):
+            for label, msm in (("MAE", {}), ("MAE, 80% mask", HIGH_MASK)):
+                add(
+                    f"brainmoe {model}, {c} ch, {label}, {CRISS_CROSS_LABEL}",
+                    model,
+                    [c] * batch,
+                    msm={**msm, "decoder_attention": "criss_cross"},
+                )
+    for c in (32, 128):
         add(f"channel-mixing MAE, {c} ch, torch.compile", "channel-mix", [c] * batch, compile=True)
         for model in ("dense", "moe"):
             add(f"brainmoe {model}, {c} ch, MAE, torch.compile", model, [c] * batch, compile=True)
@@ -303,11 +314,17 @@ def _ratios() -> list[tuple[str, str, str, str]]:
     ref = "channel-mixing MAE (DreamDiffusion), {c} ch padded to 128"
     out = []
     for model in ("dense", "moe"):
-        for suffix in ("MAE", "MAE, 80% mask"):
+        for suffix in ("MAE", "MAE, 80% mask", f"MAE, 80% mask, {CRISS_CROSS_LABEL}"):
             a, b = (f"brainmoe {model}, 128 ch, {x}" for x in (suffix, "before (mask tokens)"))
             out.append((f"{model} 128 ch: {suffix} / before", a, b, ">= 3x"))
     for c, target in ((128, ">= 0.36x"), (32, ">= 1.5x")):
-        for suffix in ("MAE", "MAE, bf16 autocast", "MAE, 80% mask"):
+        for suffix in (
+            "MAE",
+            "MAE, bf16 autocast",
+            "MAE, 80% mask",
+            f"MAE, {CRISS_CROSS_LABEL}",
+            f"MAE, 80% mask, {CRISS_CROSS_LABEL}",
+        ):
             name = f"dense {c} ch ({suffix}) / channel-mixing MAE"
             out.append((name, f"brainmoe dense, {c} ch, {suffix}", ref.format(c=c), target))
         name = f"dense {c} ch / channel-mixing MAE, both torch.compile"

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.criss_cross import CrissCross
 from pretrain.encoder_config import EncoderConfig
 from pretrain.moe import MoE, SwiGLU
 from pretrain.packing import Packing, packed_attention
@@ -91,9 +92,10 @@ class Attention(nn.Module):
         nn.init.trunc_normal_(self.qkv.weight, std=0.02)
         nn.init.trunc_normal_(self.out.weight, std=out_std)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | Packing) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | Packing | CrissCross) -> Tensor:
         """`x [B, N, D]`, `attn_mask [B, 1, 1, N]` (True = key may be attended) -> `[B, N, D]`;
-        or packed: `x [Nt, D]` with its :class:`Packing` -> `[Nt, D]`."""
+        or packed: `x [Nt, D]` with its :class:`Packing` -> `[Nt, D]`; or `x [B, N, D]` with
+        a :class:`CrissCross` (the decoder's channel/time heads) -> `[B, N, D]`."""
         if isinstance(attn_mask, Packing):
             nt, d = x.shape
             q, k, v = self.qkv(x).view(nt, 3, self.heads, d // self.heads).unbind(1)
@@ -104,6 +106,9 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)  # [B, N, h, D/h]
+        if isinstance(attn_mask, CrissCross):
+            y = attn_mask.attend(q, k, v, self.dropout if self.training else 0.0)
+            return self.out(y.reshape(b, n, d))
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -128,7 +133,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | Packing, valid: Tensor | None
+        self, x: Tensor, attn_mask: Tensor | Packing | CrissCross, valid: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """-> (x `[B, N, D]` or packed `[Nt, D]`, aux loss `[]`, expert counts `[E]` or `[0]`);
         ``valid`` is None when x is packed (every token real)."""

@@ -79,6 +79,7 @@ class MaskedSignalModel(nn.Module):
             spatial=enc.spatial_bias,
             learn_slopes=enc.learn_spatial_slopes,
             packing=enc.packing,
+            attention=config.decoder_attention,
         )
         d = config.decoder_dim_resolved
         self.spatial_mix = SpatialMix(d, config.mix_heads) if config.mix_heads else None

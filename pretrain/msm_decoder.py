@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from pretrain.criss_cross import CrissCross
 from pretrain.encoder_blocks import Block, distance_bias, spatial_slopes
 from pretrain.moe import SwiGLU
 from pretrain.packing import gathered_bias, make_packing
@@ -35,9 +36,13 @@ class Decoder(nn.Module):
         spatial: bool = False,
         learn_slopes: bool = True,
         packing: bool = False,
+        attention: str = "full",
     ):
         super().__init__()
         self.packing = packing  # as the encoder's: run valid tokens only (pretrain/packing.py)
+        # "criss_cross": half the heads across channels, half across time (pretrain/criss_cross.py)
+        self.criss_cross = attention == "criss_cross"
+        self.heads = heads
         out_std = 0.02 / math.sqrt(2 * max(depth, 1))
         self.spatial_slope = spatial_slopes(heads, spatial, learn_slopes, self)  # as the encoder's
         self.proj = nn.Linear(in_dim, dim)
@@ -64,7 +69,16 @@ class Decoder(nn.Module):
         `[B, N, out]` (and the hidden states `[B, N, d]`)."""
         x = self.proj(tokens)
         packing, block_valid = None, valid
-        if self.packing and not x.is_meta and not bool(valid.all()):
+        if self.criss_cross:
+            # padded either way: per row N*(C + P) pairs, so padding costs in proportion
+            c = pos.shape[1] if pos is not None else None
+            assert c is not None, "criss-cross attention needs the channel count (pos)"
+            grid_valid = valid.view(valid.shape[0], c, -1)  # [B, C, P]
+            bias = None
+            if self.spatial_slope is not None:
+                bias = distance_bias(self.spatial_slope, pos, known)  # [B, h, C, C]
+            attn_mask = CrissCross(grid_valid, self.heads, bias)
+        elif self.packing and not x.is_meta and not bool(valid.all()):
             # a mixed-montage batch is padded to its widest montage (up to half the decoder's
             # tokens): run the valid tokens only, as the encoder does
             bias = None
