@@ -71,9 +71,8 @@ class Decoder(nn.Module):
         packing, block_valid = None, valid
         if self.criss_cross:
             # padded either way: per row N*(C + P) pairs, so padding costs in proportion
-            c = pos.shape[1] if pos is not None else None
-            assert c is not None, "criss-cross attention needs the channel count (pos)"
-            grid_valid = valid.view(valid.shape[0], c, -1)  # [B, C, P]
+            assert pos is not None, "criss-cross attention needs the channel positions"
+            grid_valid = valid.view(valid.shape[0], pos.shape[1], -1)  # [B, C, P]
             bias = None
             if self.spatial_slope is not None:
                 bias = distance_bias(self.spatial_slope, pos, known)  # [B, h, C, C]
