@@ -306,6 +306,10 @@ def specs(batch: int) -> list[dict]:
     for model in ("dense", "moe"):
         add(f"brainmoe {model}, mixed 19/32/64, MAE, padded", model, mixed, packing=False)
         add(f"brainmoe {model}, mixed 19/32/64, MAE, packed", model, mixed)
+        cross = {"decoder_attention": "criss_cross"}
+        for x, packing in (("padded", False), ("packed", True)):
+            label = f"brainmoe {model}, mixed 19/32/64, MAE, {CRISS_CROSS_LABEL}, {x}"
+            add(label, model, mixed, packing=packing, msm=cross)
     return rows
 
 
@@ -341,6 +345,11 @@ def _ratios() -> list[tuple[str, str, str, str]]:
     for model in ("dense", "moe"):
         a, b = (f"brainmoe {model}, mixed 19/32/64, MAE, {x}" for x in ("packed", "padded"))
         out.append((f"{model} mixed batch: packed / padded", a, b, ">= 1.3x"))
+        a, b = (
+            f"brainmoe {model}, mixed 19/32/64, MAE, {CRISS_CROSS_LABEL}, {x}"
+            for x in ("packed", "padded")
+        )
+        out.append((f"{model} mixed batch, {CRISS_CROSS_LABEL}: packed / padded", a, b, ">= 1.3x"))
     for c in (32, 128):
         a, b = (f"brainmoe {m}, {c} ch, MAE" for m in ("dense", "moe"))
         out.append((f"MoE step time / dense, {c} ch (MAE)", a, b, "<= 1.25x"))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.criss_cross import CrissCross
+from pretrain.criss_cross import CrissCross, PackedCrissCross
 from pretrain.encoder_config import EncoderConfig
 from pretrain.moe import MoE, SwiGLU
 from pretrain.packing import Packing, packed_attention
@@ -92,16 +92,22 @@ class Attention(nn.Module):
         nn.init.trunc_normal_(self.qkv.weight, std=0.02)
         nn.init.trunc_normal_(self.out.weight, std=out_std)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | Packing | CrissCross) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | Packing | CrissCross | PackedCrissCross
+    ) -> Tensor:
         """`x [B, N, D]`, `attn_mask [B, 1, 1, N]` (True = key may be attended) -> `[B, N, D]`;
-        or packed: `x [Nt, D]` with its :class:`Packing` -> `[Nt, D]`; or `x [B, N, D]` with
-        a :class:`CrissCross` (the decoder's channel/time heads) -> `[B, N, D]`."""
-        if isinstance(attn_mask, Packing):
+        or packed: `x [Nt, D]` with its :class:`Packing` (or the decoder's
+        :class:`PackedCrissCross`) -> `[Nt, D]`; or `x [B, N, D]` with a :class:`CrissCross`
+        (the decoder's channel/time heads, padded) -> `[B, N, D]`."""
+        if isinstance(attn_mask, (Packing, PackedCrissCross)):
             nt, d = x.shape
             q, k, v = self.qkv(x).view(nt, 3, self.heads, d // self.heads).unbind(1)
             q, k = self.q_norm(q), self.k_norm(k)  # [Nt, h, D/h]
             dropout = self.dropout if self.training else 0.0
-            y = packed_attention(q, k, v, attn_mask, dropout)
+            if isinstance(attn_mask, PackedCrissCross):
+                y = attn_mask.attend(q, k, v, dropout)
+            else:
+                y = packed_attention(q, k, v, attn_mask, dropout)
             return self.out(y.reshape(nt, d))
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
@@ -133,7 +139,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | Packing | CrissCross, valid: Tensor | None
+        self,
+        x: Tensor,
+        attn_mask: Tensor | Packing | CrissCross | PackedCrissCross,
+        valid: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """-> (x `[B, N, D]` or packed `[Nt, D]`, aux loss `[]`, expert counts `[E]` or `[0]`);
         ``valid`` is None when x is packed (every token real)."""

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pretrain.criss_cross import CrissCross
+from pretrain.criss_cross import CrissCross, PackedCrissCross
 from pretrain.encoder_blocks import Block, distance_bias, spatial_slopes
 from pretrain.moe import SwiGLU
 from pretrain.packing import gathered_bias, make_packing
@@ -70,13 +70,21 @@ class Decoder(nn.Module):
         x = self.proj(tokens)
         packing, block_valid = None, valid
         if self.criss_cross:
-            # padded either way: per row N*(C + P) pairs, so padding costs in proportion
             assert pos is not None, "criss-cross attention needs the channel positions"
             grid_valid = valid.view(valid.shape[0], pos.shape[1], -1)  # [B, C, P]
             bias = None
             if self.spatial_slope is not None:
                 bias = distance_bias(self.spatial_slope, pos, known)  # [B, h, C, C]
-            attn_mask = CrissCross(grid_valid, self.heads, bias)
+            if (
+                self.packing
+                and not x.is_meta
+                and not bool(valid.all())
+                and PackedCrissCross.fits(grid_valid)
+            ):  # a mixed-montage batch: each window's own grid, no padding computed
+                packing = PackedCrissCross(grid_valid, self.heads, bias)
+                x, attn_mask, block_valid = packing.pack(x), packing, None  # x [Nt, d]
+            else:
+                attn_mask = CrissCross(grid_valid, self.heads, bias)
         elif self.packing and not x.is_meta and not bool(valid.all()):
             # a mixed-montage batch is padded to its widest montage (up to half the decoder's
             # tokens): run the valid tokens only, as the encoder does

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.criss_cross import CrissCross
+from pretrain.criss_cross import CrissCross, PackedCrissCross
 from pretrain.encoder_blocks import Attention
 from pretrain.encoder_config import get_config
 from pretrain.msm import MaskedSignalModel, MSMConfig
@@ -58,6 +58,28 @@ def test_padded_keys_are_not_read():
     assert torch.isfinite(out).all(), "rows of padding stay finite"
 
 
+def test_packed_heads_equal_the_padded_ones_on_every_valid_token():
+    """Windows of different montages, one with a flagged channel in the middle (a hole, not a
+    tail) and one shorter: packed, each reads the same keys with the same distance bias as
+    padded, and no padding is computed."""
+    torch.manual_seed(2)
+    attn = Attention(D, H, qk_norm=True, dropout=0.0, out_std=0.02).eval()
+    valid = torch.ones(3, C, P, dtype=torch.bool)
+    valid[0, 4:] = False  # 4 channels
+    valid[1, 2] = False  # a bad channel inside the montage
+    valid[2, :, 3:] = False  # 3 patches
+    bias = -torch.rand(3, H, C, C)
+    x = torch.randn(3, C * P, D)
+    packed = PackedCrissCross(valid, H, bias)
+    flat = valid.view(3, C * P)
+    assert packed.pack(x).shape[0] == int(flat.sum()), "only valid tokens are packed"
+    with torch.no_grad():
+        padded = attn(x, CrissCross(valid, H, bias))
+        out = packed.unpack(attn(packed.pack(x), packed))
+    torch.testing.assert_close(out[flat], padded[flat], atol=1e-6, rtol=1e-5)
+    assert not PackedCrissCross.fits(torch.tensor([[[True, False], [False, True]]]))
+
+
 def model(attention: str, packing: bool = True) -> MaskedSignalModel:
     cfg = get_config(
         "tiny", spatial_bias=True, input_norm="window", learn_spatial_slopes=False, packing=packing
@@ -82,6 +104,18 @@ def test_mixed_montage_batch_gives_each_window_its_own_prediction():
             p = int(s)
             alone = net(take(batch, i, c, round(s * 200)), mask=mask[i : i + 1, :c, :p])["pred"]
             torch.testing.assert_close(full[i, :c, :p], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_packed_and_padded_decoders_agree_on_a_mixed_batch():
+    packed, padded = model("criss_cross"), model("criss_cross", packing=False)
+    padded.load_state_dict(packed.state_dict())
+    batch = make_batch([19, 32, 64], [4.0, 4.0, 4.0], seed=4)
+    inp = packed.encoder.prepare(batch)
+    mask = inp.valid & packed.make_mask(inp.valid, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = packed(batch, mask=mask)["pred"], padded(batch, mask=mask)["pred"]
+    keep = inp.valid
+    torch.testing.assert_close(a[keep], b[keep], atol=2e-5, rtol=1e-4)
 
 
 def test_checkpoint_shapes_do_not_depend_on_the_attention():
