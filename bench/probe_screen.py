@@ -40,6 +40,7 @@ from bench import results  # noqa: E402
 from bench.moabb import LOCAL_DATA  # noqa: E402
 from pretrain.features import (  # noqa: E402
     batch_regions,
+    encode_at_layer,
     load_encoder,
     random_twin,
     region_pool_batch,
@@ -91,35 +92,29 @@ def layer_features(encoder, batch, regions, keep: float, draws: int, seed: int):
     encoder.eval()
     inp = encoder.prepare(batch)
     b, c, p, _ = inp.patches.shape
-    blocks = encoder.blocks
+    runs = draws if keep < 1 else 1
     out: dict[tuple[int, str], np.ndarray] = {}
-    for layer in range(len(blocks)):
-        encoder.blocks = torch.nn.ModuleList(list(blocks)[: layer + 1])
+    for layer in range(len(encoder.blocks)):
         gen = torch.Generator().manual_seed(seed)  # the same masks for every encoder
         total = 0.0
-        try:
-            for _ in range(draws if keep < 1 else 1):
-                mask = torch.rand(b, c, p, generator=gen) < keep if keep < 1 else None
-                enc = encoder.encode(inp, keep=mask)
-                d = enc.tokens.shape[-1]
-                if enc.index is None:
-                    tokens, valid = enc.tokens.float(), enc.valid
-                else:  # kept tokens back to their grid places; the rest count as absent
-                    tokens = torch.zeros(b, c * p, d).scatter_(
-                        1, enc.index[..., None].expand(-1, -1, d), enc.tokens.float()
-                    )
-                    valid = torch.zeros(b, c * p, dtype=torch.bool).scatter_(
-                        1, enc.index, enc.valid
-                    )
-                grid = tokens.view(b, c, p, d) * valid.view(b, c, p, 1)
-                grid = torch.cat([grid, grid.pow(2)], dim=-1)  # [B, C, P, 2D]
-                total = total + region_pool_batch(grid, valid.view(b, c, p), regions).numpy()
-        finally:
-            encoder.blocks = blocks
-        sites = total.reshape(b, -1, 2 * d)  # [B, sites + 1, 2D]; the last: every channel
-        out[(layer, "mean")] = sites[:, -1, :d] / (draws if keep < 1 else 1)
-        out[(layer, "regions")] = sites[..., :d].reshape(b, -1) / (draws if keep < 1 else 1)
-        out[(layer, "moments")] = sites.reshape(b, -1) / (draws if keep < 1 else 1)
+        for _ in range(runs):
+            mask = torch.rand(b, c, p, generator=gen) < keep if keep < 1 else None
+            enc = encode_at_layer(encoder, inp, layer, keep=mask)
+            d = enc.tokens.shape[-1]
+            if enc.index is None:
+                tokens, valid = enc.tokens.float(), enc.valid
+            else:  # kept tokens back to their grid places; the rest count as absent
+                tokens = torch.zeros(b, c * p, d).scatter_(
+                    1, enc.index[..., None].expand(-1, -1, d), enc.tokens.float()
+                )
+                valid = torch.zeros(b, c * p, dtype=torch.bool).scatter_(1, enc.index, enc.valid)
+            grid = tokens.view(b, c, p, d) * valid.view(b, c, p, 1)
+            grid = torch.cat([grid, grid.pow(2)], dim=-1)  # [B, C, P, 2D]
+            total = total + region_pool_batch(grid, valid.view(b, c, p), regions).numpy()
+        sites = total.reshape(b, -1, 2 * d) / runs  # [B, sites + 1, 2D]; the last: every channel
+        out[(layer, "mean")] = sites[:, -1, :d]
+        out[(layer, "regions")] = sites[..., :d].reshape(b, -1)
+        out[(layer, "moments")] = sites.reshape(b, -1)
     return out
 
 
@@ -142,7 +137,7 @@ def screen(args) -> dict:
     ]
     batch = collate_eeg(samples)
     regions = batch_regions([channels.positions] * len(X), len(channels.names))
-    twins: dict[str, dict] = {}
+    twins: dict[tuple[str, float], dict] = {}  # (encoder config, keep) -> twins' scores
     per_encoder: dict[str, dict] = {}
     for folder in folders:
         encoder = load_encoder(folder, None, "cpu", False, 0).float()

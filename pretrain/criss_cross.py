@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.packing import make_packing
+from pretrain.packing import Packing
 
 
 class CrissCross:
@@ -36,7 +36,7 @@ class CrissCross:
     def __init__(self, valid: Tensor, heads: int, channel_bias: Tensor | None = None):
         b, c, p = valid.shape
         assert heads >= 2, heads
-        self.shape, self.heads, self.spatial = (b, c, p), heads, heads // 2
+        self.shape, self.spatial = (b, c, p), heads // 2
         g = self.spatial
         keys_c = valid.transpose(1, 2)  # [B, P, C]: channels present at each patch
         keys_c = keys_c | ~keys_c.any(-1, keepdim=True)
@@ -67,9 +67,9 @@ class PackedCrissCross:
     def __init__(self, valid: Tensor, heads: int, channel_bias: Tensor | None = None):
         b, c, p = valid.shape
         assert heads >= 2 and self.fits(valid), heads
-        self.heads, self.spatial = heads, heads // 2
-        g = self.spatial
-        self.packing = make_packing(valid.reshape(b, c * p))
+        self.spatial = g = heads // 2
+        # where each valid token sits when packed; the heads group windows by grid shape below
+        self.packing = Packing(valid.reshape(-1).nonzero().squeeze(1), [], b, c * p)
         chans, patches = valid.any(2), valid.any(1)  # [B, C], [B, P]
         n_c, n_p = chans.sum(1), patches.sum(1)  # [B]
         lengths = n_c * n_p

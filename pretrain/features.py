@@ -37,6 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from pretrain.encoder import Encoder, EncoderOutput
+from pretrain.encoder_input import EncoderInput
 
 POOLINGS = ("mean", "regions", "moments")
 UNITS = {"V": 1e6, "mV": 1e3, "uV": 1.0}  # factor to microvolts, what the encoder reads
@@ -111,17 +112,24 @@ def resolve_layer(layer: int | None, depth: int) -> int:
     return int(layer) % depth
 
 
-def encode_at_layer(encoder: Encoder, batch: dict[str, Any], layer: int | None) -> EncoderOutput:
+def encode_at_layer(
+    encoder: Encoder,
+    batch: dict[str, Any] | EncoderInput,
+    layer: int | None,
+    keep: Tensor | None = None,
+) -> EncoderOutput:
     """The encoder's output with ``tokens`` read after block ``layer`` (then the final norm);
-    None is the encoder's own output."""
+    None is the encoder's own output. ``keep [B, C, P]`` encodes only those patches (MAE),
+    as :meth:`Encoder.encode` does; a prepared input is not prepared again."""
+    inp = batch if isinstance(batch, EncoderInput) else encoder.prepare(batch)
     if layer is None or layer == len(encoder.blocks) - 1:
-        return encoder(batch)
+        return encoder.encode(inp, keep=keep)
     # The encoder run with its first layer + 1 blocks: the same tokens a hook on that block
     # would see, but packed batches (mixed montages) come back unpacked to [B, N, D].
     blocks = encoder.blocks
     encoder.blocks = torch.nn.ModuleList(list(blocks)[: layer + 1])
     try:
-        return encoder(batch)
+        return encoder.encode(inp, keep=keep)
     finally:
         encoder.blocks = blocks
 
