@@ -9,8 +9,9 @@ corpus held the scored subject's recordings, its "cross-subject" fold is partly 
 the encoder has adapted to that person's (and those very trials') signal. A foundation model's
 claim is the other one, features that help on a person it never saw. So each row here
 pretrains with one subject left out of the corpus, exports, and runs `brainmoe evaluate moabb
---evaluation cross-subject`; only the left-out subject's fold is on a person the encoder never
-saw, the other four are seen folds of the same run. `--other-runs` puts the left-out subject's
+--evaluation cross-subject` (and `within-session`, where the same question holds for a
+classifier trained on the subject's own trials); only the left-out subject's fold is on a
+person the encoder never saw, the other four are seen folds of the same run. `--other-runs` puts the left-out subject's
 unscored runs back (a folder `S00Nx` beside `S00N` in the corpus, e.g. built with
 `pattern=*R0[37].edf`): the person seen, the scored recordings not -- a user's calibration
 session.
@@ -20,8 +21,8 @@ random-init twins in every run): per subject, the mean fold difference (brainmoe
 random twins) over runs that saw its recordings, saw only its other runs, or never saw it.
 Runs made elsewhere join the summary with `--add NAME=RUN_DIR:SEEN[:OTHER]` (SEEN: the
 subjects whose recordings the corpus held, e.g. `1,2,4,5`; OTHER: those it held only the
-unscored runs of; the run's cross-subject JSON beside its folder as
-`RUN_DIR.cross-subject.json`). A finished row is not re-run; an interrupted one
+unscored runs of; the run's MOABB JSONs beside its folder as
+`RUN_DIR.cross-subject.json` / `RUN_DIR.within-session.json`). A finished row is not re-run; an interrupted one
 resumes from its newest checkpoint.
 """
 
@@ -51,11 +52,10 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def pretrain_and_score(args, hold: int, seed: int) -> dict:
-    """One row: pretrain without `hold` (or with its other runs only) -> its cross-subject JSON."""
+    """One row: pretrain without `hold` (or with its other runs only) -> its MOABB JSONs."""
     corpus, subjects = Path(args.corpus), [int(s) for s in args.subjects.split(",")]
     name = f"{'pers' if args.other_runs else 'loso'}{hold}s{seed}"
     run_dir = Path(args.work) / name
-    report = run_dir.with_suffix(".cross-subject.json")
     shards = [str(corpus / f"S{s:03d}") for s in subjects if s != hold]
     seen = {s: "seen" for s in subjects if s != hold}
     if args.other_runs:
@@ -64,8 +64,8 @@ def pretrain_and_score(args, hold: int, seed: int) -> dict:
     missing = [s for s in shards if not Path(s, "manifest.json").is_file()]
     if missing:
         raise ValueError(f"no shard build at {missing}: build each subject into {corpus}/S00N")
-    if not report.exists():
-        brainmoe = [sys.executable, "-m", "cluster.cli"]
+    brainmoe = [sys.executable, "-m", "cluster.cli"]
+    if not (run_dir / "encoder").is_dir():
         resume = (run_dir / "checkpoints").is_dir()
         run(
             [*brainmoe, "pretrain", "--num-gpus", str(args.ranks), "--config", args.config,
@@ -75,35 +75,45 @@ def pretrain_and_score(args, hold: int, seed: int) -> dict:
         )  # fmt: skip
         run([*brainmoe, "export", str(run_dir / "checkpoints"), str(run_dir / "encoder")],
             run_dir.with_suffix(".export.log"))  # fmt: skip
-        run(
-            [*brainmoe, "evaluate", "moabb", "--model", str(run_dir / "encoder"),
-             "--dataset", args.dataset, "--subjects", args.scored, "--evaluation",
-             "cross-subject", "--pooling", args.pooling, "--fmin", str(args.fmin),
-             "--fmax", str(args.fmax), "--json", str(report)],
-            run_dir.with_suffix(".cross-subject.log"),
-        )  # fmt: skip
-    return {"name": name, "seen": seen, "report": json.loads(report.read_text())}
+    reports = {}
+    for evaluation in args.evaluations.split(","):
+        report = run_dir.with_suffix(f".{evaluation}.json")
+        if not report.exists():
+            run(
+                [*brainmoe, "evaluate", "moabb", "--model", str(run_dir / "encoder"),
+                 "--dataset", args.dataset, "--subjects", args.scored, "--evaluation",
+                 evaluation, "--pooling", args.pooling, "--fmin", str(args.fmin),
+                 "--fmax", str(args.fmax), "--json", str(report)],
+                run_dir.with_suffix(f".{evaluation}.log"),
+            )  # fmt: skip
+        reports[evaluation] = json.loads(report.read_text())
+    return {"name": name, "seen": seen, "reports": reports}
 
 
-def added(spec: str) -> dict:
+def added(spec: str, evaluations: list[str]) -> dict:
     """NAME=RUN_DIR:SEEN[:OTHER] -> a row made elsewhere (SEEN: subjects whose recordings its
     corpus held; OTHER: subjects of which it held only the unscored runs)."""
     name, rest = spec.split("=", 1)
     run_dir, *groups = rest.split(":")
     if not 1 <= len(groups) <= 2:
         raise ValueError(f"--add {spec}: expected NAME=RUN_DIR:SEEN[:OTHER], e.g. a=runs/a:1,2,4")
-    report = Path(run_dir).with_suffix(".cross-subject.json")
-    if not report.is_file():
-        raise ValueError(f"--add {spec}: no {report} (the run's `brainmoe evaluate moabb` JSON)")
+    reports = {e: Path(run_dir).with_suffix(f".{e}.json") for e in evaluations}
+    missing = [str(f) for f in reports.values() if not f.is_file()]
+    if missing:
+        raise ValueError(f"--add {spec}: no {missing} (the run's `brainmoe evaluate moabb` JSONs)")
     named = zip(GROUPS[: len(groups)], groups, strict=True)
     seen = {int(s): g for g, part in named for s in part.split(",") if s}
-    return {"name": name, "seen": seen, "report": json.loads(report.read_text())}
+    return {
+        "name": name,
+        "seen": seen,
+        "reports": {e: json.loads(f.read_text()) for e, f in reports.items()},
+    }
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], evaluation: str) -> str:
     folds = {g: {} for g in GROUPS}  # group -> subject -> [fold differences]
     for row in rows:
-        for fold in row["report"]["folds"]:
+        for fold in row["reports"][evaluation]["folds"]:
             group = row["seen"].get(fold["subject"], "unseen")
             folds[group].setdefault(fold["subject"], []).append(fold["difference"])
     subjects = sorted({s for by in folds.values() for s in by})
@@ -135,7 +145,7 @@ def summary(rows: list[dict]) -> str:
         for r in rows
     )
     return (
-        f"Fold figure = brainmoe - mean of 3 random-init twins (ROC-AUC), MOABB cross-subject; "
+        f"Fold figure = brainmoe - mean of 3 random-init twins (ROC-AUC), MOABB {evaluation}; "
         f"cell = mean (number of folds). Runs: {runs}.\n\n" + "\n".join(lines)
     )
 
@@ -152,6 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="PhysionetFists")
     parser.add_argument("--scored", default="1-5", help="subjects MOABB scores")
     parser.add_argument("--pooling", default="moments")
+    parser.add_argument("--evaluations", default="cross-subject,within-session")
     parser.add_argument("--fmin", type=float, default=0.5)
     parser.add_argument("--fmax", type=float, default=45.0)
     parser.add_argument("--work", default="bench/_work/loso")
@@ -159,7 +170,11 @@ def main(argv=None) -> int:
     parser.add_argument("--section", default=None, help="write this RESULTS.md section")
     parser.add_argument("overrides", nargs="*", help="key=value for every pretraining run")
     args = parser.parse_args(argv)
-    rows = [added(spec) for spec in args.add]  # checked before any training starts
+    evaluations = args.evaluations.split(",")
+    unknown = set(evaluations) - {"cross-subject", "within-session"}
+    if unknown:
+        raise ValueError(f"--evaluations: {sorted(unknown)}; use cross-subject, within-session")
+    rows = [added(spec, evaluations) for spec in args.add]  # checked before any training
     holds = [int(h) for h in args.hold.split(",") if h]
     for hold in holds:
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -169,7 +184,8 @@ def main(argv=None) -> int:
         raise ValueError("nothing to summarise: give --hold subjects to run, or --add runs")
     body = (
         f"`{args.config}` {' '.join(args.overrides)}; {args.dataset} subjects {args.scored}, "
-        f"{args.fmin}-{args.fmax} Hz, {args.pooling} pooling.\n\n" + summary(rows)
+        f"{args.fmin}-{args.fmax} Hz, {args.pooling} pooling.\n\n"
+        + "\n\n".join(f"**{e}.** " + summary(rows, e) for e in evaluations)
     )
     print(body)
     if args.section:
