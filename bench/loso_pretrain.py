@@ -150,6 +150,26 @@ def summary(rows: list[dict], evaluation: str) -> str:
     )
 
 
+def per_run(rows: list[dict], evaluations: list[str]) -> str:
+    """Each encoder's own MOABB figures: a run whose mean is carried by one fold shows here."""
+    head = " | ".join(
+        f"{e}: brainmoe / random / TS+LR, difference (folds above)" for e in evaluations
+    )
+    lines = [f"| run | {head} |", "| --- |" + " ---: |" * len(evaluations)]
+    for row in rows:
+        cells = []
+        for e in evaluations:
+            r = row["reports"][e]
+            score = {k: v["score"] for k, v in r["pipelines"].items()}
+            above = sum(f["difference"] > 0 for f in r["folds"])
+            cells.append(
+                f"{score['brainmoe']:.3f} / {score['brainmoe-random']:.3f} / {score['TS+LR']:.3f}, "
+                f"{r['difference']['mean']:+.3f} ({above}/{len(r['folds'])})"
+            )
+        lines.append(f"| {row['name']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="runs/eegmmidb", help="holds S001, S002, ... builds")
@@ -182,10 +202,13 @@ def main(argv=None) -> int:
             print(f"{rows[-1]['name']}: done", flush=True)
     if not rows:
         raise ValueError("nothing to summarise: give --hold subjects to run, or --add runs")
+    config = " ".join([f"`{args.config}`", *args.overrides])
     body = (
-        f"`{args.config}` {' '.join(args.overrides)}; {args.dataset} subjects {args.scored}, "
-        f"{args.fmin}-{args.fmax} Hz, {args.pooling} pooling.\n\n"
+        f"{config}; {args.dataset} subjects {args.scored}, {args.fmin}-{args.fmax} Hz, "
+        f"{args.pooling} pooling.\n\n"
         + "\n\n".join(f"**{e}.** " + summary(rows, e) for e in evaluations)
+        + "\n\n"
+        + per_run(rows, evaluations)
     )
     print(body)
     if args.section:
