@@ -51,11 +51,12 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
 
 
-def pretrain_and_score(args, hold: int, seed: int) -> dict:
-    """One row: pretrain without `hold` (or with its other runs only) -> its MOABB JSONs."""
+def plan(args, hold: int) -> tuple[list[str], dict[int, str]]:
+    """The corpus without `hold` (plus its unscored runs with --other-runs) and what it saw;
+    checked for every row before the first one trains."""
     corpus, subjects = Path(args.corpus), [int(s) for s in args.subjects.split(",")]
-    name = f"{'pers' if args.other_runs else 'loso'}{hold}s{seed}"
-    run_dir = Path(args.work) / name
+    if hold not in subjects:
+        raise ValueError(f"--hold {hold} is not among --subjects {args.subjects}")
     shards = [str(corpus / f"S{s:03d}") for s in subjects if s != hold]
     seen = {s: "seen" for s in subjects if s != hold}
     if args.other_runs:
@@ -63,7 +64,19 @@ def pretrain_and_score(args, hold: int, seed: int) -> dict:
         seen[hold] = "other runs"
     missing = [s for s in shards if not Path(s, "manifest.json").is_file()]
     if missing:
-        raise ValueError(f"no shard build at {missing}: build each subject into {corpus}/S00N")
+        raise ValueError(
+            f"no shard build at {missing}: build each subject into {corpus}/S00N "
+            "(and its unscored runs into S00Nx for --other-runs)"
+        )
+    return shards, seen
+
+
+def pretrain_and_score(args, hold: int, seed: int) -> dict:
+    """One row: pretrain without `hold` (or with its other runs only) -> its MOABB JSONs."""
+    shards, seen = plan(args, hold)
+    name = f"{'pers' if args.other_runs else 'loso'}{hold}s{seed}"
+    run_dir = Path(args.work) / name
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     brainmoe = [sys.executable, "-m", "cluster.cli"]
     if not (run_dir / "encoder").is_dir():
         resume = (run_dir / "checkpoints").is_dir()
@@ -196,6 +209,8 @@ def main(argv=None) -> int:
         raise ValueError(f"--evaluations: {sorted(unknown)}; use cross-subject, within-session")
     rows = [added(spec, evaluations) for spec in args.add]  # checked before any training
     holds = [int(h) for h in args.hold.split(",") if h]
+    for hold in holds:
+        plan(args, hold)
     for hold in holds:
         for seed in (int(s) for s in args.seeds.split(",")):
             rows.append(pretrain_and_score(args, hold, seed))
