@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,17 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ablation import run  # noqa: E402  (a logged CLI step, as the ablation runs it)
 from bench.results import write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("seen", "other runs", "unseen")
-
-
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "w") as fh:
-        done = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
 
 
 def plan(args, hold: int) -> tuple[list[str], dict[int, str]]:
